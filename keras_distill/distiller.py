@@ -1,0 +1,397 @@
+"""`Distiller`: a `keras.Model` that trains a student on a teacher's soft targets."""
+
+import math
+
+import keras
+from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
+
+from keras_distill import losses as losses_module
+
+# Spellings of Keras's probability-space KL that mean "KL of the softened
+# distributions" in the keras.io idiom; they are computed from logits instead.
+_KERAS_KL_NAMES = ("kl_divergence", "kld", "kullback_leibler_divergence")
+
+
+def _check_model(name, model):
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(
+            f"`{name}` must be a Keras model (or layer) that returns logits, "
+            f"got {type(model).__name__}. Wrap other callables in a "
+            "`keras.layers.Layer` subclass or build them as a `keras.Model`."
+        )
+
+
+def _class_count(model):
+    """Static number of output classes of a built functional model, or None."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) != 1:
+        return None
+    return outputs[0].shape[-1]
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(
+            "`alpha` weights the hard-label loss and must be in [0, 1] "
+            f"(keras.io uses 0.1), got {alpha!r}."
+        )
+
+
+def _is_keras_kl(loss):
+    if isinstance(loss, str):
+        return loss.lower() in _KERAS_KL_NAMES
+    if isinstance(loss, keras.losses.KLDivergence):
+        return True
+    return loss is keras.losses.kl_divergence
+
+
+def _per_example_loss_fn(loss):
+    """A function `(y_true, y_pred) -> per-example losses` for a Keras loss."""
+    if isinstance(loss, keras.losses.Loss):
+        # `Loss.call` is the unreduced per-example loss; the Distiller does the
+        # weighting and normalization itself.
+        return loss.call
+    if callable(loss):
+        return loss
+    raise TypeError(f"Expected a Keras loss or a callable, got {loss!r}.")
+
+
+def _resolve_distillation_loss(loss, temperature):
+    """Returns `fn(teacher_logits, student_logits, sample_weight) -> scalar`."""
+    if loss is None or _is_keras_kl(loss):
+        loss = losses_module.forward_kl
+    if isinstance(loss, str):
+        if loss in losses_module.DIVERGENCES:
+            loss = losses_module.DIVERGENCES[loss]
+        else:
+            loss = keras.losses.get(loss)
+    if isinstance(loss, losses_module.DistillationLoss):
+        if loss.temperature is not None and loss.temperature != temperature:
+            raise ValueError(
+                f"`distillation_loss_fn` sets temperature={loss.temperature} "
+                f"but `compile` got temperature={temperature}. Set it in one "
+                "place: pass `temperature` to `compile` and leave the loss's "
+                "temperature as None."
+            )
+
+        def divergence(teacher_logits, student_logits, sample_weight):
+            return loss.divergence(
+                teacher_logits,
+                student_logits,
+                temperature,
+                sample_weight=sample_weight,
+                **loss.divergence_kwargs,
+            )
+
+        return divergence
+    if loss in losses_module.DIVERGENCES.values():
+
+        def divergence(teacher_logits, student_logits, sample_weight):
+            return loss(
+                teacher_logits,
+                student_logits,
+                temperature,
+                sample_weight=sample_weight,
+            )
+
+        return divergence
+    # Any other Keras loss follows the keras.io convention: it compares the
+    # softened probabilities, and the result is scaled by T².
+    per_example = _per_example_loss_fn(loss)
+
+    def divergence(teacher_logits, student_logits, sample_weight):
+        teacher_probs = ops.softmax(teacher_logits / temperature, axis=-1)
+        student_probs = ops.softmax(student_logits / temperature, axis=-1)
+        values = per_example(teacher_probs, student_probs)
+        return temperature**2 * losses_module.weighted_reduce(
+            values, sample_weight
+        )
+
+    return divergence
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class Distiller(keras.Model):
+    """Trains a student model on a frozen teacher's softened outputs.
+
+    The training loss is
+
+        alpha * student_loss(y, s) + (1 - alpha) * T² * KL(softmax(t/T) || softmax(s/T))
+
+    where `s` and `t` are the student's and the teacher's logits. `fit`,
+    `evaluate`, callbacks, `jit_compile`, gradient accumulation, mixed
+    precision and `keras.distribution` work as for any Keras model: the
+    Distiller only supplies `compute_loss`, and Keras's own `train_step` and
+    `test_step` on each backend do the rest. Calling the Distiller (and
+    `predict`) runs the student.
+
+    The teacher is frozen: `teacher.trainable` is set to `False`, it runs in
+    inference mode (`training=False`, so BatchNorm and Dropout behave as at
+    inference), and its outputs are wrapped in `stop_gradient`.
+
+    Args:
+        student: The `keras.Model` to train; it must return logits.
+        teacher: A trained `keras.Model` returning logits of the same shape.
+        **kwargs: `keras.Model` arguments such as `name`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> distiller = Distiller(student=student, teacher=teacher)
+    >>> distiller.compile(
+    ...     optimizer="adam",
+    ...     metrics=["accuracy"],
+    ...     student_loss_fn=keras.losses.SparseCategoricalCrossentropy(
+    ...         from_logits=True),
+    ...     distillation_loss_fn=keras.losses.KLDivergence(),
+    ...     alpha=0.1,
+    ...     temperature=3.0,
+    ... )
+    >>> x, y = np.ones((8, 4)), np.zeros((8,))
+    >>> history = distiller.fit(x, y, epochs=1, verbose=0)
+    >>> sorted(history.history)
+    ['accuracy', 'distillation_loss', 'loss', 'student_loss']
+    """
+
+    def __init__(self, student, teacher, **kwargs):
+        super().__init__(**kwargs)
+        _check_model("student", student)
+        _check_model("teacher", teacher)
+        if student is teacher:
+            raise ValueError(
+                "`student` and `teacher` are the same object; distill into a "
+                "separate model (e.g. `keras.models.clone_model(teacher)`)."
+            )
+        teacher_classes = _class_count(teacher)
+        student_classes = _class_count(student)
+        if None not in (teacher_classes, student_classes) and (
+            teacher_classes != student_classes
+        ):
+            raise ValueError(
+                f"Teacher outputs {teacher_classes} classes, student "
+                f"{student_classes}: `teacher` and `student` must have the "
+                "same output shape."
+            )
+        self.student = student
+        self.teacher = teacher
+        self.teacher.trainable = False
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        self.distillation_loss_tracker = keras.metrics.Mean(
+            name="distillation_loss"
+        )
+        self.alpha = None
+        self.temperature = None
+
+    def compile(
+        self,
+        optimizer="adam",
+        metrics=None,
+        student_loss_fn=None,
+        distillation_loss_fn=None,
+        alpha=0.1,
+        temperature=3.0,
+        **kwargs,
+    ):
+        """Configures the Distiller for training (the keras.io signature).
+
+        Args:
+            optimizer: Optimizer (instance or name) for the student.
+            metrics: Metrics of the student's predictions against `y`.
+            student_loss_fn: Hard-label loss between `y` and the student's
+                logits, e.g. `SparseCategoricalCrossentropy(from_logits=True)`.
+                Required unless `alpha` is 0.
+            distillation_loss_fn: Divergence between teacher and student.
+                `None`, `"kl_divergence"` or `keras.losses.KLDivergence()`
+                mean forward KL of the softened distributions, computed from
+                logits in log space. Any function or `DistillationLoss` from
+                `keras_distill.losses` (or its name, e.g. `"reverse_kl"`) is
+                used as is; any other Keras loss is applied to the softened
+                probabilities and scaled by `T²`.
+            alpha: Weight of the hard-label loss, in `[0, 1]`.
+            temperature: Softening temperature `T > 0`.
+            **kwargs: Other `keras.Model.compile` arguments
+                (`weighted_metrics`, `jit_compile`, `steps_per_execution`,
+                `run_eagerly`, `auto_scale_loss`).
+        """
+        if "loss" in kwargs:
+            raise ValueError(
+                "The Distiller takes `student_loss_fn` and "
+                "`distillation_loss_fn`, not `loss`."
+            )
+        _check_alpha(alpha)
+        losses_module._check_temperature(temperature)
+        if student_loss_fn is None and alpha > 0:
+            raise ValueError(
+                f"`student_loss_fn` is required when alpha={alpha} > 0, e.g. "
+                "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`"
+                "; or pass alpha=0 to train on the teacher alone."
+            )
+        if isinstance(student_loss_fn, str):
+            student_loss_fn = keras.losses.get(student_loss_fn)
+        self._student_losses = (
+            None if student_loss_fn is None else _per_example_loss_fn(
+                student_loss_fn
+            )
+        )
+        self._divergence = _resolve_distillation_loss(
+            distillation_loss_fn, temperature
+        )
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+        self._compile_config.config.update(
+            student_loss_fn=student_loss_fn,
+            distillation_loss_fn=distillation_loss_fn,
+            alpha=alpha,
+            temperature=temperature,
+        )
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def call(self, inputs, training=None):
+        return self.student(inputs, training=training)
+
+    def _check_output_shapes(self, teacher_logits, student_logits):
+        teacher_shape = tuple(teacher_logits.shape)
+        student_shape = tuple(student_logits.shape)
+        if len(teacher_shape) != len(student_shape) or any(
+            t is not None and s is not None and t != s
+            for t, s in zip(teacher_shape[1:], student_shape[1:])
+        ):
+            raise ValueError(
+                f"Teacher outputs {teacher_shape[-1]} classes, student "
+                f"{student_shape[-1]} (teacher output shape {teacher_shape}, "
+                f"student {student_shape}): the two models must produce "
+                "logits of the same shape."
+            )
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        """Hard-label loss plus `T²`-scaled divergence to the teacher.
+
+        Both terms are weighted by `sample_weight` and normalized by its sum;
+        a batch whose weights are all zero gives a loss of 0. If the teacher's
+        outputs are not finite, the step's gradient is zero (no NaN reaches
+        the student) and the returned loss is NaN, which stops `fit`.
+        """
+        teacher_logits = self.teacher(x, training=False)
+        for name, logits in (("teacher", teacher_logits), ("student", y_pred)):
+            if not hasattr(logits, "shape"):
+                raise TypeError(
+                    f"The Distiller expects the {name} to return one logits "
+                    f"tensor, got {type(logits).__name__}."
+                )
+        self._check_output_shapes(teacher_logits, y_pred)
+        teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+        student_logits = ops.cast(y_pred, "float32")
+
+        # A non-finite teacher batch is replaced by the student itself (zero
+        # divergence) and the whole loss multiplied by 0, so the gradient is
+        # exactly zero; the NaN added outside the gradient makes it visible.
+        teacher_finite = ops.all(ops.isfinite(teacher_logits))
+        teacher_logits = ops.where(
+            teacher_finite, teacher_logits, ops.stop_gradient(student_logits)
+        )
+        distillation_loss = self._divergence(
+            teacher_logits, student_logits, sample_weight
+        )
+        if self._student_losses is None:
+            student_loss = ops.zeros((), "float32")
+        else:
+            student_loss = losses_module.weighted_reduce(
+                self._student_losses(y, student_logits), sample_weight
+            )
+        loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
+        for extra_loss in self.losses:
+            loss = loss + ops.cast(ops.sum(extra_loss), "float32")
+        loss = loss * ops.cast(teacher_finite, "float32")
+        loss = loss + ops.stop_gradient(
+            ops.where(teacher_finite, 0.0, float("nan"))
+        )
+
+        batch_size = ops.shape(student_logits)[0]
+        self.student_loss_tracker.update_state(student_loss, batch_size)
+        self.distillation_loss_tracker.update_state(
+            distillation_loss, batch_size
+        )
+        return scale_loss_for_distribution(loss)
+
+    def _check_compiled(self, method):
+        if not self.compiled:
+            raise ValueError(
+                f"Call `distiller.compile(optimizer=..., student_loss_fn=..., "
+                f"distillation_loss_fn=..., alpha=..., temperature=...)` "
+                f"before `{method}()`."
+            )
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, stopping with an error on a non-finite loss."""
+        self._check_compiled("fit")
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(NonFiniteLossGuard())
+        else:
+            callbacks = [NonFiniteLossGuard(), *(callbacks or [])]
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        self._check_compiled("evaluate")
+        return super().evaluate(*args, **kwargs)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "student": keras.saving.serialize_keras_object(self.student),
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("student", "teacher"):
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops `fit` with a clear error at the first non-finite training loss.
+
+    The `Distiller` adds it to every `fit`. Its step zeroes the gradient of a
+    batch whose teacher outputs are not finite, so the student keeps finite
+    weights (unchanged under plain SGD; momentum optimizers still apply their
+    running average once).
+
+    Example:
+
+    >>> guard = NonFiniteLossGuard()
+    >>> guard.on_train_batch_end(0, {"loss": 0.5})  # finite: nothing happens
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            if self.model is not None:
+                self.model.stop_training = True
+            raise FloatingPointError(
+                f"Non-finite distillation loss ({loss}) at epoch "
+                f"{getattr(self, '_epoch', 0) + 1}, batch {batch + 1}. The "
+                "teacher returned NaN or inf (or the data holds them); that "
+                "batch's gradient was zeroed and training stopped, so the "
+                "student's weights stay finite. Check the inputs and "
+                "`np.isfinite(teacher.predict(x)).all()`."
+            )
