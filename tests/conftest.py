@@ -1,0 +1,48 @@
+"""Shared test helpers. The backend is fixed by `KERAS_BACKEND` at import time."""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def value_and_grad(fn, x):
+    """`fn(x)` and its gradient with respect to `x`, on the active backend.
+
+    The one backend branch of the test suite: autodiff has no `keras.ops` form.
+    """
+    backend = keras.backend.backend()
+    x = np.asarray(x, dtype="float32")
+    if backend == "jax":
+        import jax
+
+        value, grad = jax.value_and_grad(fn)(jax.numpy.asarray(x))
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = fn(x)
+        grad = tape.gradient(value, x)
+    elif backend == "torch":
+        import torch
+
+        x = torch.tensor(x, requires_grad=True)
+        value = fn(x)
+        value.backward()
+        grad = x.grad
+    else:
+        raise NotImplementedError(backend)
+    return keras.ops.convert_to_numpy(value), keras.ops.convert_to_numpy(grad)
+
+
+@pytest.fixture
+def restore_dtype_policy():
+    """Resets the global dtype policy a mixed-precision test changes."""
+    policy = keras.config.dtype_policy()
+    yield
+    keras.config.set_dtype_policy(policy)

@@ -1,0 +1,312 @@
+"""Each divergence against a float64 NumPy reference, on the active backend."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_distill import losses
+from tests.conftest import value_and_grad
+
+TEMPERATURES = (0.5, 1.0, 10.0)
+
+
+# ---- NumPy references (float64, written independently of losses.py) ----
+
+
+def np_log_softmax(logits, temperature):
+    z = np.asarray(logits, np.float64) / temperature
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_kl(log_p, log_q):
+    return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+
+
+def np_mixture(log_p, log_q, weight):
+    return np.logaddexp(log_p + np.log(weight), log_q + np.log1p(-weight))
+
+
+def np_divergence(name, teacher, student, temperature, **kwargs):
+    log_p = np_log_softmax(teacher, temperature)
+    log_q = np_log_softmax(student, temperature)
+    if name == "forward_kl":
+        value = np_kl(log_p, log_q)
+    elif name == "reverse_kl":
+        value = np_kl(log_q, log_p)
+    elif name == "total_variation":
+        value = 0.5 * np.abs(np.exp(log_p) - np.exp(log_q)).sum(axis=-1)
+    elif name == "skew_kl":
+        value = np_kl(log_p, np_mixture(log_p, log_q, kwargs["skew"]))
+    elif name == "generalized_jsd":
+        beta = kwargs["beta"]
+        log_m = np_mixture(log_p, log_q, beta)
+        value = (
+            beta * np_kl(log_p, log_m) + (1 - beta) * np_kl(log_q, log_m)
+        ) / (beta * (1 - beta))
+    return temperature**2 * value
+
+
+CASES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("total_variation", {}),
+    ("skew_kl", {"skew": 0.1}),
+    ("generalized_jsd", {"beta": 0.5}),
+    ("generalized_jsd", {"beta": 0.1}),
+]
+
+
+def random_logits(seed, shape=(6, 7), scale=3.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=shape) * scale).astype("float32"), (
+        rng.normal(size=shape) * scale
+    ).astype("float32")
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_matches_numpy_reference(name, kwargs, temperature):
+    teacher, student = random_logits(0)
+    fn = losses.DIVERGENCES[name]
+    per_position = fn(teacher, student, temperature, reduction="none", **kwargs)
+    expected = np_divergence(name, teacher, student, temperature, **kwargs)
+    assert keras.backend.standardize_dtype(per_position.dtype) == "float32"
+    # float32 cancellation in sum(p * (log p - log q)) is ~1e-7 absolute
+    # before the T² factor.
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(per_position),
+        expected,
+        rtol=2e-5,
+        atol=1e-6 * temperature**2,
+    )
+    mean = fn(teacher, student, temperature, **kwargs)
+    np.testing.assert_allclose(float(mean), expected.mean(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_extreme_logits_are_exact_and_finite(name, kwargs, temperature):
+    # ±1e4 logits: probabilities underflow to exactly 0 in float32, which a
+    # log(softmax) or clipped implementation turns into NaN or a biased value.
+    teacher = np.array(
+        [[1e4, -1e4, 0.0, 5.0], [-1e4, -1e4, 1e4, 1e4]], "float32"
+    )
+    student = np.array(
+        [[-1e4, 1e4, 0.0, 5.0], [1e4, -1e4, 1e4, -1e4]], "float32"
+    )
+    fn = losses.DIVERGENCES[name]
+    value = ops.convert_to_numpy(
+        fn(teacher, student, temperature, reduction="none", **kwargs)
+    )
+    expected = np_divergence(name, teacher, student, temperature, **kwargs)
+    assert np.all(np.isfinite(value))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+    _, grad = value_and_grad(
+        lambda s: fn(teacher, s, temperature, reduction="sum", **kwargs),
+        student,
+    )
+    assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+def test_forward_kl_gradient_is_temperature_times_probability_gap(temperature):
+    teacher, student = random_logits(1)
+    _, grad = value_and_grad(
+        lambda s: losses.forward_kl(teacher, s, temperature, reduction="sum"),
+        student,
+    )
+    expected = temperature * (
+        np.exp(np_log_softmax(student, temperature))
+        - np.exp(np_log_softmax(teacher, temperature))
+    )
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_gradient_matches_finite_differences(name, kwargs):
+    teacher, student = random_logits(2, shape=(2, 5))
+    fn = losses.DIVERGENCES[name]
+
+    def total(s):
+        return float(np.sum(np_divergence(name, teacher, s, 2.0, **kwargs)))
+
+    _, grad = value_and_grad(
+        lambda s: fn(teacher, s, 2.0, reduction="sum", **kwargs), student
+    )
+    step = 1e-5
+    numeric = np.zeros_like(student, dtype=np.float64)
+    for index in np.ndindex(student.shape):
+        plus, minus = student.astype(np.float64), student.astype(np.float64)
+        plus[index] += step
+        minus[index] -= step
+        numeric[index] = (total(plus) - total(minus)) / (2 * step)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-4)
+
+
+def test_generalized_jsd_limits_are_forward_and_reverse_kl():
+    teacher, student = random_logits(3)
+    forward = float(losses.forward_kl(teacher, student, 2.0))
+    reverse = float(losses.reverse_kl(teacher, student, 2.0))
+    assert float(losses.generalized_jsd(teacher, student, 2.0, beta=0.0)) == (
+        pytest.approx(forward, rel=1e-6)
+    )
+    assert float(losses.generalized_jsd(teacher, student, 2.0, beta=1.0)) == (
+        pytest.approx(reverse, rel=1e-6)
+    )
+    # Continuous at both ends, not decaying to 0 as an un-normalized JSD does.
+    near_zero = float(losses.generalized_jsd(teacher, student, 2.0, beta=1e-3))
+    near_one = float(losses.generalized_jsd(teacher, student, 2.0, beta=0.999))
+    assert near_zero == pytest.approx(forward, rel=2e-2)
+    assert near_one == pytest.approx(reverse, rel=2e-2)
+
+
+def test_skew_zero_is_forward_kl_and_skew_bounds_the_divergence():
+    teacher, student = random_logits(4, scale=20.0)
+    forward = ops.convert_to_numpy(
+        losses.forward_kl(teacher, student, reduction="none")
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(
+            losses.skew_kl(teacher, student, skew=0.0, reduction="none")
+        ),
+        forward,
+    )
+    skewed = ops.convert_to_numpy(
+        losses.skew_kl(teacher, student, skew=0.1, reduction="none")
+    )
+    assert np.all(skewed <= -math.log(0.1) + 1e-5)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_sample_weight_is_a_normalized_weighted_mean(name, kwargs):
+    teacher, student = random_logits(5, shape=(4, 3, 5))
+    weights = np.array(
+        [[1, 1, 0], [1, 0, 0], [0, 0, 0], [2, 1, 1]], "float32"
+    )
+    fn = losses.DIVERGENCES[name]
+    per_token = np_divergence(name, teacher, student, 2.0, **kwargs)
+    expected = (per_token * weights).sum() / weights.sum()
+    value = fn(teacher, student, 2.0, sample_weight=weights, **kwargs)
+    np.testing.assert_allclose(float(value), expected, rtol=2e-5)
+    summed = fn(
+        teacher, student, 2.0, sample_weight=weights, reduction="sum", **kwargs
+    )
+    np.testing.assert_allclose(
+        float(summed), (per_token * weights).sum(), rtol=2e-5
+    )
+    # Per-example weights broadcast over the token axis.
+    example_weights = np.array([1, 0, 1, 1], "float32")
+    value = fn(teacher, student, 2.0, sample_weight=example_weights, **kwargs)
+    expected = per_token[example_weights > 0].mean()
+    np.testing.assert_allclose(float(value), expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_empty_mask_gives_finite_zero_and_zero_gradient(name, kwargs):
+    teacher, student = random_logits(6)
+    mask = np.zeros(teacher.shape[:-1], "float32")
+    fn = losses.DIVERGENCES[name]
+    value, grad = value_and_grad(
+        lambda s: fn(teacher, s, 2.0, sample_weight=mask, **kwargs), student
+    )
+    assert float(value) == 0.0
+    assert np.all(grad == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_logits_are_computed_in_float32(dtype):
+    teacher, student = random_logits(7)
+    value = losses.forward_kl(
+        ops.cast(teacher, dtype), ops.cast(student, dtype), 2.0
+    )
+    assert keras.backend.standardize_dtype(value.dtype) == "float32"
+    expected = np_divergence(
+        "forward_kl",
+        ops.convert_to_numpy(ops.cast(ops.cast(teacher, dtype), "float32")),
+        ops.convert_to_numpy(ops.cast(ops.cast(student, dtype), "float32")),
+        2.0,
+    ).mean()
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"temperature": "hot"}, TypeError, "temperature"),
+        ({"reduction": "max"}, ValueError, "reduction"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    teacher, student = random_logits(8)
+    with pytest.raises(error, match=match):
+        losses.forward_kl(teacher, student, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "fn,kwargs,match",
+    [
+        (losses.generalized_jsd, {"beta": -0.1}, "beta"),
+        (losses.generalized_jsd, {"beta": 1.5}, "beta"),
+        (losses.skew_kl, {"skew": 1.0}, "skew"),
+        (losses.skew_kl, {"skew": -0.5}, "skew"),
+    ],
+)
+def test_bad_mixture_weights_are_named(fn, kwargs, match):
+    teacher, student = random_logits(9)
+    with pytest.raises(ValueError, match=match):
+        fn(teacher, student, **kwargs)
+
+
+def test_class_count_mismatch_names_both_sizes():
+    teacher = np.zeros((2, 11), "float32")
+    student = np.zeros((2, 10), "float32")
+    with pytest.raises(ValueError, match="Teacher outputs 11 classes, student 10"):
+        losses.forward_kl(teacher, student)
+
+
+LOSS_CLASSES = [
+    (losses.ForwardKL, {}),
+    (losses.ReverseKL, {}),
+    (losses.TotalVariation, {}),
+    (losses.SkewKL, {"skew": 0.2}),
+    (losses.GeneralizedJSD, {"beta": 0.3}),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs", LOSS_CLASSES)
+def test_loss_objects_match_functions_and_round_trip(cls, kwargs):
+    teacher, student = random_logits(10)
+    loss = cls(temperature=2.0, **kwargs)
+    expected = loss.divergence(teacher, student, 2.0, **kwargs)
+    np.testing.assert_allclose(
+        float(loss(teacher, student)), float(expected), rtol=1e-6
+    )
+    restored = cls.from_config(loss.get_config())
+    assert restored.get_config() == loss.get_config()
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(loss)
+    )
+    assert type(revived) is cls
+    np.testing.assert_allclose(
+        float(revived(teacher, student)), float(expected), rtol=1e-6
+    )
+
+
+def test_loss_object_trains_a_keras_model_on_teacher_logits():
+    # As a plain Keras loss: y_true holds the teacher's logits.
+    teacher, _ = random_logits(11, shape=(32, 4))
+    features = np.eye(32, dtype="float32")
+    model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(4)])
+    model.compile(optimizer=keras.optimizers.Adam(0.1), loss=losses.ForwardKL())
+    before = model.evaluate(features, teacher, verbose=0)
+    model.fit(features, teacher, epochs=100, verbose=0)
+    assert model.evaluate(features, teacher, verbose=0) < 0.05 * before
