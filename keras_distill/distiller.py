@@ -186,6 +186,16 @@ class Distiller(keras.Model):
         )
         self.alpha = None
         self.temperature = None
+        # Callbacks such as BackupAndRestore need a built model before `fit`.
+        self.built = student.built and teacher.built
+
+    def build(self, input_shape):
+        # Subclassed models create their weights on a first (symbolic) call.
+        inputs = keras.tree.map_shape_structure(keras.KerasTensor, input_shape)
+        for model in (self.student, self.teacher):
+            if not model.built:
+                model(inputs)
+        self.built = True
 
     def compile(
         self,
@@ -218,7 +228,11 @@ class Distiller(keras.Model):
                 (`weighted_metrics`, `jit_compile`, `steps_per_execution`,
                 `run_eagerly`, `auto_scale_loss`).
         """
-        if "loss" in kwargs:
+        # A reloaded compile config carries Keras's own `loss=None` entries.
+        for unused in ("loss", "loss_weights"):
+            if kwargs.get(unused, None) is None:
+                kwargs.pop(unused, None)
+        if "loss" in kwargs or "loss_weights" in kwargs:
             raise ValueError(
                 "The Distiller takes `student_loss_fn` and "
                 "`distillation_loss_fn`, not `loss`."
@@ -389,9 +403,10 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
                 self.model.stop_training = True
             raise FloatingPointError(
                 f"Non-finite distillation loss ({loss}) at epoch "
-                f"{getattr(self, '_epoch', 0) + 1}, batch {batch + 1}. The "
-                "teacher returned NaN or inf (or the data holds them); that "
-                "batch's gradient was zeroed and training stopped, so the "
-                "student's weights stay finite. Check the inputs and "
+                f"{getattr(self, '_epoch', 0) + 1}, batch {batch + 1}; "
+                "training stopped. Where the teacher's outputs were NaN or "
+                "inf, that batch's gradient was zeroed and the student keeps "
+                "its last good weights; NaN in the inputs or labels reaches "
+                "the student itself. Check `np.isfinite(x).all()` and "
                 "`np.isfinite(teacher.predict(x)).all()`."
             )

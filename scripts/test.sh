@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole test suite once per Keras backend (the backend is fixed at
+# import time, so each needs its own process). Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+status=0
+for backend in jax tensorflow torch; do
+  echo "=== KERAS_BACKEND=$backend"
+  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider \
+    --doctest-modules keras_distill tests "$@"
+  code=$?
+  if [ "$code" -eq 5 ]; then
+    echo "pytest collected no tests on $backend: check the paths." >&2
+  fi
+  [ "$code" -eq 0 ] || status=1
+done
+exit $status
