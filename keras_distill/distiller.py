@@ -319,7 +319,13 @@ class Distiller(keras.Model):
         distillation_loss = self._divergence(
             teacher_logits, student_logits, sample_weight
         )
-        if self._student_losses is None:
+        if y is None and self.alpha > 0:
+            raise ValueError(
+                f"The data has no labels `y` but alpha={self.alpha} weights a "
+                "hard-label loss: pass labels, or compile with alpha=0 to "
+                "learn from the teacher alone."
+            )
+        if self._student_losses is None or y is None:
             student_loss = ops.zeros((), "float32")
         else:
             student_loss = losses_module.weighted_reduce(

@@ -186,6 +186,43 @@ def test_all_zero_sample_weight_gives_finite_zero_and_no_update():
         np.testing.assert_array_equal(old, new)
 
 
+def test_student_regularization_losses_are_added():
+    x, y = make_data()
+    keras.utils.set_random_seed(2)
+    student = keras.Sequential(
+        [
+            keras.Input((NUM_FEATURES,)),
+            keras.layers.Dense(
+                NUM_CLASSES, kernel_regularizer=keras.regularizers.L2(0.1)
+            ),
+        ]
+    )
+    distiller = compiled_distiller(student=student)
+    results = distiller.evaluate(x, y, batch_size=len(x), return_dict=True, verbose=0)
+    hard, soft = reference_losses(distiller, x, y)
+    kernel = ops.convert_to_numpy(student.layers[-1].kernel)
+    penalty = 0.1 * np.sum(kernel**2)
+    assert results["loss"] == pytest.approx(
+        0.1 * hard + 0.9 * soft + penalty, rel=1e-5
+    )
+
+
+def test_unlabeled_data_trains_on_the_teacher_alone_with_alpha_zero():
+    x, _ = make_data()
+    distiller = Distiller(student=make_student(), teacher=make_teacher())
+    # No compiled metrics: they need labels.
+    distiller.compile(optimizer=keras.optimizers.Adam(1e-2), alpha=0.0)
+    history = distiller.fit(x, epochs=2, batch_size=16, verbose=0)
+    assert history.history["student_loss"] == [0.0, 0.0]
+    assert history.history["loss"][1] < history.history["loss"][0]
+    labelled = Distiller(student=make_student(), teacher=make_teacher())
+    labelled.compile(
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    with pytest.raises(ValueError, match="no labels `y`"):
+        labelled.fit(x, epochs=1, batch_size=16, verbose=0)
+
+
 # ---- the Keras API ----
 
 
