@@ -7,10 +7,60 @@ from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_distill import losses as losses_module
+from keras_distill import sparse
+
+# Keys of a batch's `y` dict that carries precomputed teacher outputs (for
+# example from a teacher-output cache) next to its "labels".
+LABELS = "labels"
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_TOP_LOG_PROBS = "teacher_top_log_probs"
+TEACHER_TOP_INDICES = "teacher_top_indices"
+_TEACHER_OUTPUT_KEYS = (
+    TEACHER_LOGITS,
+    TEACHER_TOP_LOG_PROBS,
+    TEACHER_TOP_INDICES,
+)
 
 # Spellings of Keras's probability-space KL that mean "KL of the softened
 # distributions" in the keras.io idiom; they are computed from logits instead.
 _KERAS_KL_NAMES = ("kl_divergence", "kld", "kullback_leibler_divergence")
+
+
+def split_targets(y):
+    """Splits a batch's `y` into labels and precomputed teacher outputs.
+
+    Args:
+        y: Labels, or a dict with `"labels"` (optional) and either
+            `"teacher_logits"` or `"teacher_top_log_probs"` and
+            `"teacher_top_indices"` (log-probabilities at T = 1, as
+            `keras_distill.sparse.top_k_teacher_targets` returns them).
+
+    Returns:
+        `(labels, teacher_outputs)`, where `teacher_outputs` is a dict of the
+        teacher keys, or `None` when `y` holds labels only.
+
+    Example:
+
+    >>> split_targets({"labels": [1], "teacher_logits": [[0.5, 0.1]]})
+    ([1], {'teacher_logits': [[0.5, 0.1]]})
+    >>> split_targets([1])
+    ([1], None)
+    """
+    if not isinstance(y, dict) or not any(k in y for k in _TEACHER_OUTPUT_KEYS):
+        return y, None
+    unknown = set(y) - {LABELS, *_TEACHER_OUTPUT_KEYS}
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {sorted(unknown)} in `y`; a dict `y` holds "
+            f"'{LABELS}' and the teacher's outputs {_TEACHER_OUTPUT_KEYS}."
+        )
+    if (TEACHER_TOP_LOG_PROBS in y) != (TEACHER_TOP_INDICES in y):
+        raise ValueError(
+            f"Top-k teacher targets need both '{TEACHER_TOP_LOG_PROBS}' and "
+            f"'{TEACHER_TOP_INDICES}' in `y`."
+        )
+    teacher_outputs = {k: y[k] for k in _TEACHER_OUTPUT_KEYS if k in y}
+    return y.get(LABELS), teacher_outputs
 
 
 def _check_model(name, model):
@@ -46,6 +96,16 @@ def _is_keras_kl(loss):
     if isinstance(loss, keras.losses.KLDivergence):
         return True
     return loss is keras.losses.kl_divergence
+
+
+def _is_forward_kl(loss):
+    return (
+        loss is None
+        or _is_keras_kl(loss)
+        or isinstance(loss, losses_module.ForwardKL)
+        or (isinstance(loss, str) and loss == "forward_kl")
+        or loss is losses_module.forward_kl
+    )
 
 
 def _per_example_loss_fn(loss):
@@ -132,9 +192,16 @@ class Distiller(keras.Model):
     inference mode (`training=False`, so BatchNorm and Dropout behave as at
     inference), and its outputs are wrapped in `stop_gradient`.
 
+    Precomputed teacher outputs (say, from a teacher-output cache) can ride in
+    each batch's `y` instead: a dict with `"labels"` and `"teacher_logits"`,
+    or `"teacher_top_log_probs"` and `"teacher_top_indices"` for top-k
+    targets (see `split_targets`). The teacher is then not called, and may be
+    `None`.
+
     Args:
         student: The `keras.Model` to train; it must return logits.
-        teacher: A trained `keras.Model` returning logits of the same shape.
+        teacher: A trained `keras.Model` returning logits of the same shape,
+            or `None` when every batch carries the teacher's outputs.
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -161,13 +228,14 @@ class Distiller(keras.Model):
     def __init__(self, student, teacher, **kwargs):
         super().__init__(**kwargs)
         _check_model("student", student)
-        _check_model("teacher", teacher)
+        if teacher is not None:
+            _check_model("teacher", teacher)
         if student is teacher:
             raise ValueError(
                 "`student` and `teacher` are the same object; distill into a "
                 "separate model (e.g. `keras.models.clone_model(teacher)`)."
             )
-        teacher_classes = _class_count(teacher)
+        teacher_classes = None if teacher is None else _class_count(teacher)
         student_classes = _class_count(student)
         if None not in (teacher_classes, student_classes) and (
             teacher_classes != student_classes
@@ -179,7 +247,8 @@ class Distiller(keras.Model):
             )
         self.student = student
         self.teacher = teacher
-        self.teacher.trainable = False
+        if teacher is not None:
+            teacher.trainable = False
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.distillation_loss_tracker = keras.metrics.Mean(
             name="distillation_loss"
@@ -187,13 +256,13 @@ class Distiller(keras.Model):
         self.alpha = None
         self.temperature = None
         # Callbacks such as BackupAndRestore need a built model before `fit`.
-        self.built = student.built and teacher.built
+        self.built = student.built and (teacher is None or teacher.built)
 
     def build(self, input_shape):
         # Subclassed models create their weights on a first (symbolic) call.
         inputs = keras.tree.map_shape_structure(keras.KerasTensor, input_shape)
         for model in (self.student, self.teacher):
-            if not model.built:
+            if model is not None and not model.built:
                 model(inputs)
         self.built = True
 
@@ -252,6 +321,7 @@ class Distiller(keras.Model):
                 student_loss_fn
             )
         )
+        self._divergence_is_forward_kl = _is_forward_kl(distillation_loss_fn)
         self._divergence = _resolve_distillation_loss(
             distillation_loss_fn, temperature
         )
@@ -288,6 +358,58 @@ class Distiller(keras.Model):
                 "logits of the same shape."
             )
 
+    def _dense_distillation_loss(
+        self, teacher_logits, student_logits, sample_weight
+    ):
+        if not hasattr(teacher_logits, "shape"):
+            raise TypeError(
+                "The Distiller expects the teacher to return one logits "
+                f"tensor, got {type(teacher_logits).__name__}."
+            )
+        self._check_output_shapes(teacher_logits, student_logits)
+        teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+        # A non-finite teacher batch is replaced by the student itself (zero
+        # divergence); `compute_loss` then multiplies the loss by 0, so the
+        # gradient is exactly zero, and adds a NaN outside the gradient.
+        teacher_finite = ops.all(ops.isfinite(teacher_logits))
+        teacher_logits = ops.where(
+            teacher_finite, teacher_logits, ops.stop_gradient(student_logits)
+        )
+        return (
+            self._divergence(teacher_logits, student_logits, sample_weight),
+            teacher_finite,
+        )
+
+    def _sparse_distillation_loss(
+        self, teacher_outputs, student_logits, sample_weight
+    ):
+        if not self._divergence_is_forward_kl:
+            raise ValueError(
+                "Top-k teacher targets support the forward KL only; compile "
+                "with distillation_loss_fn=None (or 'kl_divergence') to train "
+                "on them, or cache dense teacher logits."
+            )
+        log_probs = ops.stop_gradient(
+            ops.cast(teacher_outputs[TEACHER_TOP_LOG_PROBS], "float32")
+        )
+        # -inf marks unused entries; only NaN means a broken teacher.
+        teacher_finite = ops.logical_not(ops.any(ops.isnan(log_probs)))
+        log_probs = ops.where(teacher_finite, log_probs, 0.0)
+        distillation_loss = sparse.sparse_forward_kl(
+            log_probs,
+            teacher_outputs[TEACHER_TOP_INDICES],
+            student_logits,
+            self.temperature,
+            sample_weight=sample_weight,
+            targets_temperature=1.0,
+        )
+        return distillation_loss, teacher_finite
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Compiled metrics compare the labels alone with the student.
+        labels, _ = split_targets(y)
+        return super().compute_metrics(x, labels, y_pred, sample_weight)
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
@@ -298,27 +420,33 @@ class Distiller(keras.Model):
         outputs are not finite, the step's gradient is zero (no NaN reaches
         the student) and the returned loss is NaN, which stops `fit`.
         """
-        teacher_logits = self.teacher(x, training=False)
-        for name, logits in (("teacher", teacher_logits), ("student", y_pred)):
-            if not hasattr(logits, "shape"):
-                raise TypeError(
-                    f"The Distiller expects the {name} to return one logits "
-                    f"tensor, got {type(logits).__name__}."
-                )
-        self._check_output_shapes(teacher_logits, y_pred)
-        teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+        labels, teacher_outputs = split_targets(y)
+        if not hasattr(y_pred, "shape"):
+            raise TypeError(
+                "The Distiller expects the student to return one logits "
+                f"tensor, got {type(y_pred).__name__}."
+            )
         student_logits = ops.cast(y_pred, "float32")
-
-        # A non-finite teacher batch is replaced by the student itself (zero
-        # divergence) and the whole loss multiplied by 0, so the gradient is
-        # exactly zero; the NaN added outside the gradient makes it visible.
-        teacher_finite = ops.all(ops.isfinite(teacher_logits))
-        teacher_logits = ops.where(
-            teacher_finite, teacher_logits, ops.stop_gradient(student_logits)
-        )
-        distillation_loss = self._divergence(
-            teacher_logits, student_logits, sample_weight
-        )
+        if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
+            distillation_loss, teacher_finite = self._sparse_distillation_loss(
+                teacher_outputs, student_logits, sample_weight
+            )
+        else:
+            if teacher_outputs is not None:
+                teacher_logits = teacher_outputs[TEACHER_LOGITS]
+            elif self.teacher is None:
+                raise ValueError(
+                    "This Distiller has no teacher, so each batch's `y` must "
+                    f"carry the teacher's outputs: a dict with "
+                    f"'{TEACHER_LOGITS}' (or '{TEACHER_TOP_LOG_PROBS}' and "
+                    f"'{TEACHER_TOP_INDICES}') and 'labels'."
+                )
+            else:
+                teacher_logits = self.teacher(x, training=False)
+            distillation_loss, teacher_finite = self._dense_distillation_loss(
+                teacher_logits, student_logits, sample_weight
+            )
+        y = labels
         if y is None and self.alpha > 0:
             raise ValueError(
                 f"The data has no labels `y` but alpha={self.alpha} weights a "

@@ -41,10 +41,11 @@ def make_student(seed=2):
 
 
 def compiled_distiller(
-    teacher=None, student=None, alpha=0.1, temperature=3.0, **compile_kwargs
+    teacher=..., student=None, alpha=0.1, temperature=3.0, **compile_kwargs
 ):
     distiller = Distiller(
-        student=student or make_student(), teacher=teacher or make_teacher()
+        student=student or make_student(),
+        teacher=make_teacher() if teacher is ... else teacher,
     )
     compile_kwargs.setdefault("optimizer", keras.optimizers.Adam(1e-2))
     distiller.compile(
@@ -576,3 +577,74 @@ def test_non_finite_teacher_stops_fit_and_keeps_the_last_good_weights():
     ):
         assert np.all(np.isfinite(now))
         np.testing.assert_array_equal(good, now)
+
+
+# ---- precomputed teacher outputs in `y` ----
+
+
+def test_precomputed_teacher_logits_give_the_online_loss_without_a_teacher():
+    x, y = make_data()
+    online = compiled_distiller()
+    teacher_logits = online.teacher.predict(x, verbose=0)
+    expected = online.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
+    offline = compiled_distiller(teacher=None, student=online.student)
+    offline_targets = {"labels": y, "teacher_logits": teacher_logits}
+    actual = offline.evaluate(
+        x, offline_targets, batch_size=16, return_dict=True, verbose=0
+    )
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-5), key
+    history = offline.fit(x, offline_targets, epochs=2, batch_size=16, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]
+
+
+def test_top_k_targets_with_every_class_equal_the_dense_loss():
+    from keras_distill.sparse import top_k_teacher_targets
+
+    x, y = make_data()
+    distiller = compiled_distiller()
+    expected = distiller.evaluate(x, y, batch_size=64, return_dict=True, verbose=0)
+    log_probs, indices = top_k_teacher_targets(
+        distiller.teacher.predict(x, verbose=0), k=NUM_CLASSES
+    )
+    targets = {
+        "labels": y,
+        "teacher_top_log_probs": ops.convert_to_numpy(log_probs),
+        "teacher_top_indices": ops.convert_to_numpy(indices),
+    }
+    actual = distiller.evaluate(x, targets, batch_size=64, return_dict=True, verbose=0)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        ({"teacher_top_log_probs": np.zeros((64, 2))}, "need both"),
+        ({"teacher_logits": np.zeros((64, NUM_CLASSES)), "extra": np.zeros(64)}, "Unknown keys"),
+    ],
+)
+def test_malformed_precomputed_targets_are_named(targets, match):
+    x, _ = make_data()
+    distiller = compiled_distiller()
+    with pytest.raises(ValueError, match=match):
+        distiller.evaluate(x, targets, batch_size=64, verbose=0)
+
+
+def test_teacherless_distiller_needs_teacher_outputs_in_y():
+    x, y = make_data()
+    distiller = compiled_distiller(teacher=None)
+    with pytest.raises(ValueError, match="has no teacher"):
+        distiller.fit(x, y, batch_size=64, verbose=0)
+
+
+def test_top_k_targets_refuse_a_divergence_other_than_forward_kl():
+    x, y = make_data()
+    distiller = compiled_distiller(distillation_loss_fn="reverse_kl")
+    targets = {
+        "labels": y,
+        "teacher_top_log_probs": np.full((64, 2), -0.7, "float32"),
+        "teacher_top_indices": np.tile(np.arange(2, dtype="int32"), (64, 1)),
+    }
+    with pytest.raises(ValueError, match="forward KL only"):
+        distiller.evaluate(x, targets, batch_size=64, verbose=0)

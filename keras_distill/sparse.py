@@ -1,0 +1,581 @@
+"""Top-k sparse teacher targets: distillation from k teacher entries per token.
+
+Storing or transmitting the teacher's full distribution costs `V` floats per
+token (262k for Gemma 3). Sparse distillation keeps `k << V` entries per
+position, as `teacher_top_log_probs` (float32, shape `(..., k)`) and
+`teacher_top_indices` (int32, shape `(..., k)`), and trains the student on
+them. The Gemma 3 report samples 256 entries per token from the teacher
+distribution, keeps their probabilities, sets the rest to zero and
+renormalizes; `sampled_teacher_targets` followed by `sparse_forward_kl` with
+`tail="renormalize"` is that recipe, and `top_k_teacher_targets` its
+deterministic variant.
+
+Same conventions as `keras_distill.losses`: pure `keras.ops` functions, float32
+maths in log space (no `log(softmax)`, no clipping), results multiplied by
+`T²`, optional `sample_weight` of the shape of the logits without the class
+axis, and `reduction` as in `weighted_reduce`.
+
+Temperature: `teacher_top_log_probs` are the teacher's log-probabilities at the
+temperature of the loss, i.e. what `top_k_teacher_targets(teacher_logits, k,
+temperature=T)` returns, so that with `k = V` the sparse loss at `T` is exactly
+the dense `forward_kl` at `T`. Targets stored once at another temperature (say
+`T₀ = 1`, the usual offline setting) can be used at any `T` with
+`tail="renormalize"` by passing `targets_temperature=T₀`: the renormalized
+teacher `softmax(z_k / T)` is `softmax(log p_k · T₀ / T)` over the k entries,
+exactly. `tail="bucket"` needs the mass outside the k entries *at T*, which the
+stored k values do not determine, so it requires targets extracted at `T`.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_distill.losses import REDUCTIONS
+from keras_distill.losses import _check_temperature
+from keras_distill.losses import weighted_reduce
+
+TAILS = ("renormalize", "bucket")
+
+# Lower bound of the uniform draws behind the Gumbel noise: keeps
+# -log(-log(u)) finite without measurably changing the distribution.
+_MIN_UNIFORM = 1e-30
+
+
+def _check_positive_number(name, value):
+    """`_check_temperature`'s checks, naming `name` in the messages."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a Python number greater than 0, "
+            f"got {value!r} of type {type(value).__name__}."
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"`{name}` must be a finite number greater than 0 (e.g. 1.0 to "
+            f"10.0), got {value!r}."
+        )
+
+
+def _check_k(k, num_classes):
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(
+            f"`k` must be a Python int (the number of teacher entries kept per "
+            f"position), got {k!r} of type {type(k).__name__}."
+        )
+    if k < 1:
+        raise ValueError(f"`k` must be at least 1, got k={k}.")
+    if num_classes is not None and k > num_classes:
+        raise ValueError(
+            f"`k` must be at most the vocabulary size: got k={k} for "
+            f"`teacher_logits` with {num_classes} classes. Use "
+            f"k <= {num_classes} (k={num_classes} keeps the whole "
+            "distribution)."
+        )
+
+
+def _check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
+        )
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(
+        seed, (int, keras.random.SeedGenerator)
+    ):
+        raise TypeError(
+            "`seed` must be a Python int (the same draws on every call) or a "
+            "`keras.random.SeedGenerator` (fresh draws on every call), got "
+            f"{seed!r} of type {type(seed).__name__}."
+        )
+
+
+def _teacher_log_probs(teacher_logits, k, temperature):
+    _check_temperature(temperature)
+    teacher_logits = ops.cast(teacher_logits, "float32")
+    if len(teacher_logits.shape) < 1:
+        raise ValueError(
+            "`teacher_logits` must have a class axis, shape "
+            f"`(..., num_classes)`, got shape {tuple(teacher_logits.shape)}."
+        )
+    _check_k(k, teacher_logits.shape[-1])
+    return ops.log_softmax(teacher_logits / temperature, axis=-1)
+
+
+def top_k_teacher_targets(teacher_logits, k, temperature=1.0):
+    """The teacher's k most probable entries per position, as sparse targets.
+
+    The log-probabilities are those of the full distribution
+    `softmax(teacher_logits / T)` over the whole vocabulary (not renormalized
+    over the k entries), sorted in decreasing order. Extract at the
+    temperature you train at (see `sparse_forward_kl` for stored targets).
+
+    Args:
+        teacher_logits: Teacher logits, shape `(..., num_classes)`.
+        k: Number of entries kept per position, `1 <= k <= num_classes`.
+        temperature: Softening temperature `T > 0` of the log-probabilities.
+            It does not change which entries are kept.
+
+    Returns:
+        A tuple `(teacher_top_log_probs, teacher_top_indices)`, float32 and
+        int32 tensors of shape `(..., k)`.
+
+    Example:
+
+    >>> teacher_logits = keras.ops.convert_to_tensor([[2.0, 0.5, -1.0]])
+    >>> log_probs, indices = top_k_teacher_targets(teacher_logits, k=2)
+    >>> keras.ops.convert_to_numpy(indices).tolist()
+    [[0, 1]]
+    >>> [round(p, 4) for p in keras.ops.convert_to_numpy(log_probs)[0].tolist()]
+    [-0.2413, -1.7413]
+    """
+    log_probs = _teacher_log_probs(teacher_logits, k, temperature)
+    _, indices = ops.top_k(log_probs, k, sorted=True)
+    indices = ops.cast(indices, "int32")
+    # Gathered rather than top_k's values so both functions return the same
+    # log-probabilities bit for bit.
+    return ops.take_along_axis(log_probs, indices, axis=-1), indices
+
+
+def sampled_teacher_targets(teacher_logits, k, seed, temperature=1.0):
+    """k entries per position sampled from the teacher, without replacement.
+
+    The Gemma 3 recipe: the kept entries are drawn from the teacher
+    distribution `softmax(teacher_logits / T)`, so likely tokens are kept
+    more often but the tail is represented too. Implemented with the
+    Gumbel-top-k trick: the k largest `log p + Gumbel noise` are an ordered
+    sample of k distinct entries, drawn without replacement with probabilities
+    proportional to `p`. Entries come in draw order, not sorted.
+
+    Args:
+        teacher_logits: Teacher logits, shape `(..., num_classes)`.
+        k: Number of entries drawn per position, `1 <= k <= num_classes`.
+        seed: A Python int (the same draws on every call: reproducible
+            offline extraction) or a `keras.random.SeedGenerator` (fresh
+            draws on every call, e.g. once per training step).
+        temperature: Temperature `T > 0` of both the sampling distribution
+            and the returned log-probabilities.
+
+    Returns:
+        A tuple `(teacher_top_log_probs, teacher_top_indices)`, float32 and
+        int32 tensors of shape `(..., k)`: the teacher's log-probabilities at
+        `T` (of the full distribution, not renormalized) at the drawn indices.
+
+    Example:
+
+    >>> teacher_logits = keras.ops.convert_to_tensor([[2.0, 0.5, -1.0, 0.0]])
+    >>> log_probs, indices = sampled_teacher_targets(teacher_logits, 3, seed=0)
+    >>> tuple(indices.shape), keras.backend.standardize_dtype(indices.dtype)
+    ((1, 3), 'int32')
+    >>> len(set(keras.ops.convert_to_numpy(indices)[0].tolist()))
+    3
+    """
+    _check_seed(seed)
+    log_probs = _teacher_log_probs(teacher_logits, k, temperature)
+    uniform = keras.random.uniform(
+        ops.shape(log_probs),
+        minval=_MIN_UNIFORM,
+        maxval=1.0,
+        dtype="float32",
+        seed=seed,
+    )
+    gumbel = -ops.log(-ops.log(uniform))
+    _, indices = ops.top_k(log_probs + gumbel, k, sorted=True)
+    indices = ops.cast(indices, "int32")
+    return ops.take_along_axis(log_probs, indices, axis=-1), indices
+
+
+def _kl_terms(log_p, log_q):
+    """Elementwise `p · (log p - log q)`, with `0 · log 0 = 0` for `p = 0`.
+
+    Entries with `p = 0` (or a NaN `log p`, from an all-padding position) are
+    0 with a zero gradient: no `0 · inf` reaches the value or the gradient.
+    """
+    p = ops.exp(log_p)
+    kept = ops.greater(p, 0.0)
+    safe_p = ops.where(kept, p, 0.0)
+    safe_log_p = ops.where(kept, log_p, 0.0)
+    return ops.where(kept, safe_p * (safe_log_p - log_q), 0.0)
+
+
+def _log1mexp(x):
+    """`log(1 - exp(x))` for `x <= 0`.
+
+    `expm1` keeps it accurate near 0 (covered mass close to 1, the common
+    case); for very negative x the absolute error stays below float32's
+    resolution of log-probabilities near 0, which is all the tail term needs.
+    """
+    return ops.log(-ops.expm1(x))
+
+
+def _covered_mask(indices, logits):
+    """Boolean mask of `logits`' shape, True at each position's `indices`."""
+    num_classes = logits.shape[-1]
+    if num_classes is None:
+        num_classes = ops.shape(logits)[-1]
+    flat_indices = ops.reshape(indices, (-1, ops.shape(indices)[-1]))
+    rows = ops.expand_dims(
+        ops.arange(ops.shape(flat_indices)[0], dtype="int32"), -1
+    ) + ops.zeros_like(flat_indices)
+    coordinates = ops.reshape(ops.stack([rows, flat_indices], axis=-1), (-1, 2))
+    updates = ops.ones_like(ops.reshape(flat_indices, (-1,)), dtype="float32")
+    zeros = ops.zeros_like(
+        ops.reshape(logits, (-1, num_classes)), dtype="float32"
+    )
+    covered = ops.scatter_update(zeros, coordinates, updates)
+    return ops.greater(ops.reshape(covered, ops.shape(logits)), 0.0)
+
+
+def _known_dims_match(a, b):
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b)
+    )
+
+
+def _check_target_pair(log_probs, indices):
+    log_shape = tuple(log_probs.shape)
+    index_shape = tuple(indices.shape)
+    if len(log_shape) < 1 or not _known_dims_match(log_shape, index_shape):
+        raise ValueError(
+            "`teacher_top_log_probs` and `teacher_top_indices` must have the "
+            f"same shape `(..., k)`, got {log_shape} and {index_shape}. Pass "
+            "both outputs of `top_k_teacher_targets` or "
+            "`sampled_teacher_targets` unchanged."
+        )
+    dtype = keras.backend.standardize_dtype(indices.dtype)
+    if not dtype.startswith(("int", "uint")):
+        raise TypeError(
+            "`teacher_top_indices` must be an integer tensor, got dtype "
+            f"{dtype}. Cast it with `keras.ops.cast(indices, 'int32')`."
+        )
+
+
+def _check_sparse_inputs(log_probs, indices, student_logits):
+    _check_target_pair(log_probs, indices)
+    log_shape = tuple(log_probs.shape)
+    student_shape = tuple(student_logits.shape)
+    if len(student_shape) < 1 or not _known_dims_match(
+        log_shape[:-1], student_shape[:-1]
+    ):
+        raise ValueError(
+            "The teacher targets and `student_logits` must have the same "
+            f"positions: `teacher_top_log_probs` {log_shape} is `(..., k)` "
+            f"and `student_logits` {student_shape} `(..., num_classes)` with "
+            "the same `...`."
+        )
+    k, num_classes = log_shape[-1], student_shape[-1]
+    if None not in (k, num_classes) and k > num_classes:
+        raise ValueError(
+            f"The teacher targets keep k={k} entries per position but "
+            f"`student_logits` has only {num_classes} classes: k must be at "
+            "most the vocabulary size (indices are distinct classes)."
+        )
+
+
+def sparse_forward_kl(
+    teacher_top_log_probs,
+    teacher_top_indices,
+    student_logits,
+    temperature=1.0,
+    tail="renormalize",
+    sample_weight=None,
+    reduction="mean",
+    targets_temperature=None,
+):
+    """Forward KL `T² · KL(P_teacher || Q_student)` from sparse teacher targets.
+
+    The student distribution `Q = softmax(student_logits / T)` is the full
+    one, over the whole vocabulary, read at the teacher's indices. The teacher
+    is known only at its k entries `p_k`; `tail` says what the sparse teacher
+    distribution is:
+
+    - `"renormalize"` (Gemma 3): `p̃ = p_k / Σ p_k` on the k entries, zero
+      elsewhere, and the loss is `T² · Σ_k p̃ (log p̃ - log q_k)`. Up to the
+      constant `H(p̃)` it is the student's cross-entropy on the teacher's
+      k entries. The teacher's tail counts as exactly 0, so the student is
+      pushed to move all its mass onto the k entries: the loss overshoots
+      the dense KL when the k entries miss much teacher mass.
+    - `"bucket"`: the teacher's uncovered mass `1 - Σ p_k` and the student's
+      `1 - Σ q_k` form one extra class each, so the loss also sees how much
+      mass the student puts outside the teacher's entries. It is the exact
+      KL between the two distributions coarsened to the k entries plus one
+      bucket, so it never exceeds the dense KL and grows towards it as k
+      grows. The student's tail is a log-sum-exp over its uncovered
+      log-probabilities (exact even when it underflows in probability
+      space); the teacher's is `log(-expm1(logsumexp(log p_k)))` of the
+      stored values, exact to float32 rounding of `Σ p_k` (~1e-7).
+
+    With `k = V` both equal the dense `forward_kl`. Indices must be distinct
+    within a position and in `[0, num_classes)`. Padding (e.g. a variable k
+    stored in a fixed width) is an entry with log-probability `-inf`: it
+    contributes nothing, provided its index repeats one the position already
+    has (under `"bucket"`, a new index would leave the tail bucket).
+
+    Temperature: `teacher_top_log_probs` must be the teacher's
+    log-probabilities at `temperature`, as `top_k_teacher_targets(...,
+    temperature=T)` returns them. For targets extracted at another
+    temperature `T₀`, pass `targets_temperature=T₀`: `"renormalize"` then
+    re-softens them exactly (`softmax(log p_k · T₀ / T)` over the k entries),
+    while `"bucket"` raises, because the uncovered mass at `T` is not
+    determined by k values stored at `T₀`.
+
+    Args:
+        teacher_top_log_probs: Teacher log-probabilities at its kept entries,
+            shape `(..., k)`.
+        teacher_top_indices: Their integer class indices, shape `(..., k)`.
+        student_logits: Student logits, shape `(..., num_classes)`.
+        temperature: Softening temperature `T > 0`.
+        tail: `"renormalize"` or `"bucket"`, see above.
+        sample_weight: Optional per-position weights or padding mask.
+        reduction: `"mean"`, `"sum"` or `"none"` (see `weighted_reduce`).
+        targets_temperature: Temperature the targets were extracted at;
+            `None` means `temperature`.
+
+    Returns:
+        The reduced float32 divergence.
+
+    Example:
+
+    >>> teacher_logits = keras.ops.convert_to_tensor([[2.0, 0.5, -1.0, -1.5]])
+    >>> student_logits = keras.ops.convert_to_tensor([[1.0, 1.0, 0.0, 0.5]])
+    >>> log_probs, indices = top_k_teacher_targets(teacher_logits, 2, 2.0)
+    >>> loss = sparse_forward_kl(log_probs, indices, student_logits, 2.0)
+    >>> round(float(loss), 4)
+    2.3679
+    >>> loss = sparse_forward_kl(
+    ...     log_probs, indices, student_logits, 2.0, tail="bucket"
+    ... )
+    >>> round(float(loss), 4)
+    0.5559
+    >>> log_probs, indices = top_k_teacher_targets(teacher_logits, 4, 2.0)
+    >>> loss = sparse_forward_kl(log_probs, indices, student_logits, 2.0)
+    >>> from keras_distill.losses import forward_kl
+    >>> dense = forward_kl(teacher_logits, student_logits, 2.0)
+    >>> round(float(loss), 4), round(float(dense), 4)
+    (0.5823, 0.5823)
+    """
+    _check_temperature(temperature)
+    if tail not in TAILS:
+        raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}.")
+    _check_reduction(reduction)
+    if targets_temperature is not None:
+        _check_positive_number("targets_temperature", targets_temperature)
+        if tail == "bucket" and targets_temperature != temperature:
+            raise ValueError(
+                'tail="bucket" needs the teacher targets at the loss '
+                f"temperature, got targets_temperature={targets_temperature} "
+                f"and temperature={temperature}: the mass outside the k "
+                "stored entries at another temperature is unknown. Extract "
+                "the targets at the loss temperature, or use "
+                'tail="renormalize".'
+            )
+    teacher_top_log_probs = ops.cast(teacher_top_log_probs, "float32")
+    teacher_top_indices = ops.convert_to_tensor(teacher_top_indices)
+    student_logits = ops.cast(student_logits, "float32")
+    _check_sparse_inputs(
+        teacher_top_log_probs, teacher_top_indices, student_logits
+    )
+    teacher_top_indices = ops.cast(teacher_top_indices, "int32")
+
+    student_log_probs = ops.log_softmax(student_logits / temperature, axis=-1)
+    student_top_log_probs = ops.take_along_axis(
+        student_log_probs, teacher_top_indices, axis=-1
+    )
+
+    if tail == "renormalize":
+        teacher_scores = teacher_top_log_probs
+        if targets_temperature not in (None, temperature):
+            # log p_k at T₀ is z_k / T₀ minus a constant; renormalization
+            # drops the constant, so this is softmax(z_k / T) on the k entries.
+            teacher_scores = teacher_scores * (targets_temperature / temperature)
+        renormalized = ops.log_softmax(teacher_scores, axis=-1)
+        divergence = ops.sum(
+            _kl_terms(renormalized, student_top_log_probs), axis=-1
+        )
+    else:
+        covered = _covered_mask(teacher_top_indices, student_log_probs)
+        has_tail = ops.logical_not(ops.all(covered, axis=-1))
+        # Rows with no uncovered class get a finite stand-in (their tail term
+        # is zeroed below), so no -inf-only row reaches logsumexp's gradient.
+        uncovered_log_probs = ops.where(
+            has_tail[..., None],
+            ops.where(covered, -math.inf, student_log_probs),
+            student_log_probs,
+        )
+        student_tail_log_prob = ops.where(
+            has_tail, ops.logsumexp(uncovered_log_probs, axis=-1), 0.0
+        )
+        teacher_covered = ops.minimum(
+            ops.logsumexp(teacher_top_log_probs, axis=-1), 0.0
+        )
+        teacher_tail_log_prob = ops.where(
+            has_tail, _log1mexp(teacher_covered), -math.inf
+        )
+        divergence = ops.sum(
+            _kl_terms(teacher_top_log_probs, student_top_log_probs), axis=-1
+        ) + _kl_terms(teacher_tail_log_prob, student_tail_log_prob)
+    divergence = temperature**2 * divergence
+    return weighted_reduce(divergence, sample_weight, reduction)
+
+
+def pack_sparse_targets(teacher_top_log_probs, teacher_top_indices):
+    """Packs sparse targets into one float32 tensor, a Keras `y_true`.
+
+    `model.fit` accepts one `y_true` tensor per model output, not a dict or a
+    tuple, so `SparseForwardKL` takes the targets as
+    `concatenate([teacher_top_log_probs, float32(teacher_top_indices)])`.
+    Indices are exact in float32 for vocabularies of up to 2²⁴ = 16,777,216
+    classes.
+
+    Args:
+        teacher_top_log_probs: Teacher log-probabilities, shape `(..., k)`.
+        teacher_top_indices: Their integer class indices, shape `(..., k)`.
+
+    Returns:
+        A float32 tensor of shape `(..., 2k)`.
+
+    Example:
+
+    >>> log_probs, indices = top_k_teacher_targets([[2.0, 0.5, -1.0]], k=2)
+    >>> packed = pack_sparse_targets(log_probs, indices)
+    >>> tuple(packed.shape)
+    (1, 4)
+    >>> keras.ops.convert_to_numpy(unpack_sparse_targets(packed)[1]).tolist()
+    [[0, 1]]
+    """
+    teacher_top_log_probs = ops.cast(teacher_top_log_probs, "float32")
+    teacher_top_indices = ops.convert_to_tensor(teacher_top_indices)
+    _check_target_pair(teacher_top_log_probs, teacher_top_indices)
+    return ops.concatenate(
+        [teacher_top_log_probs, ops.cast(teacher_top_indices, "float32")],
+        axis=-1,
+    )
+
+
+def unpack_sparse_targets(packed_targets):
+    """Splits `pack_sparse_targets`' output back into log-probs and indices.
+
+    Args:
+        packed_targets: Float tensor of shape `(..., 2k)`.
+
+    Returns:
+        A tuple `(teacher_top_log_probs, teacher_top_indices)`, float32 and
+        int32 tensors of shape `(..., k)`.
+
+    Example:
+
+    >>> packed = keras.ops.convert_to_tensor([[-0.2, -1.7, 0.0, 1.0]])
+    >>> log_probs, indices = unpack_sparse_targets(packed)
+    >>> keras.ops.convert_to_numpy(indices).tolist()
+    [[0, 1]]
+    """
+    packed_targets = ops.convert_to_tensor(packed_targets)
+    dtype = keras.backend.standardize_dtype(packed_targets.dtype)
+    if dtype not in ("float32", "float64"):
+        raise TypeError(
+            "Packed sparse targets must be float32 (or float64) to hold the "
+            f"indices exactly, got dtype {dtype}. Build them with "
+            "`pack_sparse_targets` and keep the loss dtype float32."
+        )
+    width = packed_targets.shape[-1] if len(packed_targets.shape) else None
+    if width is None or width % 2:
+        raise ValueError(
+            "Packed sparse targets must have an even, known last axis `2k` "
+            "(k log-probabilities, then k indices), got shape "
+            f"{tuple(packed_targets.shape)}. Build them with "
+            "`pack_sparse_targets`."
+        )
+    k = width // 2
+    log_probs = ops.cast(packed_targets[..., :k], "float32")
+    indices = ops.cast(ops.round(packed_targets[..., k:]), "int32")
+    return log_probs, indices
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class SparseForwardKL(keras.losses.Loss):
+    """`sparse_forward_kl` as a Keras loss, with sparse targets as `y_true`.
+
+    `y_pred` is the student logits `(..., num_classes)`. `y_true` holds the
+    outputs of `top_k_teacher_targets` or `sampled_teacher_targets`, packed
+    into one float32 tensor `(..., 2k)` by `pack_sparse_targets`: that is the
+    form `model.fit` accepts, since Keras matches `y_true` to the model
+    outputs one tensor each and rejects a dict or a tuple for a single
+    output. Called directly, the loss also takes the dict
+    `{"top_log_probs": ..., "top_indices": ...}`.
+
+    Args:
+        temperature: Softening temperature; `None` means 1.0.
+        tail: `"renormalize"` (Gemma 3) or `"bucket"`, see
+            `sparse_forward_kl`.
+        targets_temperature: Temperature the targets were extracted at;
+            `None` means `temperature`.
+        **kwargs: `keras.losses.Loss` arguments (`reduction`, `name`, `dtype`);
+            `dtype` must stay float32 (or float64) to hold the packed
+            indices exactly.
+
+    Example:
+
+    >>> teacher_logits = keras.ops.convert_to_tensor([[2.0, 0.5, -1.0, -1.5]])
+    >>> student_logits = keras.ops.convert_to_tensor([[1.0, 1.0, 0.0, 0.5]])
+    >>> log_probs, indices = top_k_teacher_targets(teacher_logits, 2, 2.0)
+    >>> loss = SparseForwardKL(temperature=2.0, tail="bucket")
+    >>> y_true = pack_sparse_targets(log_probs, indices)
+    >>> round(float(loss(y_true, student_logits)), 4)
+    0.5559
+    """
+
+    def __init__(
+        self,
+        temperature=None,
+        tail="renormalize",
+        targets_temperature=None,
+        **kwargs,
+    ):
+        if temperature is not None:
+            _check_temperature(temperature)
+        if tail not in TAILS:
+            raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}.")
+        if targets_temperature is not None:
+            _check_positive_number("targets_temperature", targets_temperature)
+        super().__init__(**kwargs)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(
+                "`SparseForwardKL` needs a float32 (or float64) `dtype`: Keras "
+                "casts `y_true`, the packed indices included, to the loss "
+                f"dtype, and {self.dtype} does not hold them exactly."
+            )
+        self.temperature = temperature
+        self.tail = tail
+        self.targets_temperature = targets_temperature
+
+    def call(self, y_true, y_pred):
+        if isinstance(y_true, dict):
+            if set(y_true) != {"top_log_probs", "top_indices"}:
+                raise ValueError(
+                    "`SparseForwardKL` takes `y_true` as a dict with keys "
+                    '"top_log_probs" and "top_indices", got keys '
+                    f"{sorted(y_true)}."
+                )
+            log_probs = y_true["top_log_probs"]
+            indices = ops.cast(ops.round(y_true["top_indices"]), "int32")
+        else:
+            log_probs, indices = unpack_sparse_targets(y_true)
+        return sparse_forward_kl(
+            log_probs,
+            indices,
+            y_pred,
+            self.temperature or 1.0,
+            tail=self.tail,
+            reduction="none",
+            targets_temperature=self.targets_temperature,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            temperature=self.temperature,
+            tail=self.tail,
+            targets_temperature=self.targets_temperature,
+        )
+        return config
