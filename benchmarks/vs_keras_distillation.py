@@ -21,12 +21,12 @@ timing is asserted anywhere; run it and read the table:
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from per_backend import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("ours", "keras", "scratch")
@@ -181,25 +181,16 @@ def main(argv=None):
     if args.worker_output:
         run_worker(args)
         return
-    all_results = []
-    for backend in args.backends:
-        with tempfile.NamedTemporaryFile(suffix=".json") as worker_output:
-            command = [
-                sys.executable, __file__,
-                "--worker-output", worker_output.name,
-                "--recipes", *args.recipes,
-                "--seeds", *map(str, args.seeds),
-                "--data-dir", args.data_dir,
-            ]
-            if args.epochs:
-                command += ["--epochs", str(args.epochs)]
-            if args.teacher_epochs:
-                command += ["--teacher-epochs", str(args.teacher_epochs)]
-            print(f"running {backend} ...", flush=True)
-            subprocess.run(
-                command, check=True, env={**os.environ, "KERAS_BACKEND": backend}
-            )
-            all_results.append(json.loads(Path(worker_output.name).read_text()))
+    worker_args = [
+        "--recipes", *args.recipes,
+        "--seeds", *map(str, args.seeds),
+        "--data-dir", args.data_dir,
+    ]
+    if args.epochs:
+        worker_args += ["--epochs", str(args.epochs)]
+    if args.teacher_epochs:
+        worker_args += ["--teacher-epochs", str(args.teacher_epochs)]
+    all_results = run_workers(__file__, args.backends, worker_args)
     table = format_table(all_results, args.recipes)
     print(table)
     output = Path(args.output)

@@ -80,16 +80,6 @@ def _class_count(model):
     return outputs[0].shape[-1]
 
 
-def _check_alpha(alpha):
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise ValueError(
-            "`alpha` weights the hard-label loss and must be in [0, 1] "
-            f"(keras.io uses 0.1), got {alpha!r}."
-        )
-
-
 def _is_keras_kl(loss):
     if isinstance(loss, str):
         return loss.lower() in _KERAS_KL_NAMES
@@ -306,7 +296,7 @@ class Distiller(keras.Model):
                 "The Distiller takes `student_loss_fn` and "
                 "`distillation_loss_fn`, not `loss`."
             )
-        _check_alpha(alpha)
+        losses_module.check_unit_interval("alpha", alpha)
         losses_module._check_temperature(temperature)
         if student_loss_fn is None and alpha > 0:
             raise ValueError(

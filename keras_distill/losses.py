@@ -26,28 +26,40 @@ from keras import ops
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(
-        temperature, (int, float)
-    ):
+def check_positive_number(name, value):
+    """Raises unless `value` is a finite Python number greater than 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
-            "`temperature` must be a Python number greater than 0, "
-            f"got {temperature!r} of type {type(temperature).__name__}."
+            f"`{name}` must be a Python number greater than 0, "
+            f"got {value!r} of type {type(value).__name__}."
         )
-    if not math.isfinite(temperature) or temperature <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(
-            "`temperature` must be a finite number greater than 0 (e.g. 1.0 "
-            f"to 10.0), got {temperature!r}."
+            f"`{name}` must be a finite number greater than 0 (e.g. 1.0 to "
+            f"10.0), got {value!r}."
         )
 
 
-def _check_unit_interval(name, value, include_one=True):
+def _check_temperature(temperature):
+    check_positive_number("temperature", temperature)
+
+
+def check_reduction(reduction):
+    """Raises unless `reduction` is one of `REDUCTIONS`."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
+        )
+
+
+def check_unit_interval(name, value, include_one=True):
+    """Raises unless `value` is a Python number in [0, 1] (or [0, 1))."""
     upper = "1]" if include_one else "1)"
-    in_range = 0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
             f"`{name}` must be a Python number in [0, {upper}, got {value!r}."
         )
+    in_range = 0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0
     if not in_range:
         raise ValueError(f"`{name}` must be in [0, {upper}, got {value!r}.")
 
@@ -91,10 +103,7 @@ def weighted_reduce(values, sample_weight=None, reduction="mean"):
     >>> float(weighted_reduce(values, sample_weight=[1.0, 1.0, 0.0]))
     2.0
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
-        )
+    check_reduction(reduction)
     values = ops.cast(values, "float32")
     if sample_weight is None:
         if reduction == "none":
@@ -236,7 +245,7 @@ def generalized_jsd(
     >>> round(float(generalized_jsd(teacher_logits, student_logits, beta=0.5)), 4)
     0.2906
     """
-    _check_unit_interval("beta", beta)
+    check_unit_interval("beta", beta)
     if beta == 0.0:
         return forward_kl(
             teacher_logits, student_logits, temperature, sample_weight, reduction
@@ -322,7 +331,7 @@ def skew_kl(
     >>> round(float(skew_kl(teacher_logits, student_logits, skew=0.1)), 4)
     0.2283
     """
-    _check_unit_interval("skew", skew, include_one=False)
+    check_unit_interval("skew", skew, include_one=False)
     if skew == 0.0:
         return forward_kl(
             teacher_logits, student_logits, temperature, sample_weight, reduction
@@ -456,7 +465,7 @@ class GeneralizedJSD(DistillationLoss):
     divergence = staticmethod(generalized_jsd)
 
     def __init__(self, beta=0.5, temperature=None, **kwargs):
-        _check_unit_interval("beta", beta)
+        check_unit_interval("beta", beta)
         super().__init__(temperature=temperature, **kwargs)
         self.beta = beta
 
@@ -486,7 +495,7 @@ class SkewKL(DistillationLoss):
     divergence = staticmethod(skew_kl)
 
     def __init__(self, skew=0.1, temperature=None, **kwargs):
-        _check_unit_interval("skew", skew, include_one=False)
+        check_unit_interval("skew", skew, include_one=False)
         super().__init__(temperature=temperature, **kwargs)
         self.skew = skew
 

@@ -31,8 +31,9 @@ import math
 import keras
 from keras import ops
 
-from keras_distill.losses import REDUCTIONS
 from keras_distill.losses import _check_temperature
+from keras_distill.losses import check_positive_number
+from keras_distill.losses import check_reduction
 from keras_distill.losses import weighted_reduce
 
 TAILS = ("renormalize", "bucket")
@@ -40,20 +41,6 @@ TAILS = ("renormalize", "bucket")
 # Lower bound of the uniform draws behind the Gumbel noise: keeps
 # -log(-log(u)) finite without measurably changing the distribution.
 _MIN_UNIFORM = 1e-30
-
-
-def _check_positive_number(name, value):
-    """`_check_temperature`'s checks, naming `name` in the messages."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a Python number greater than 0, "
-            f"got {value!r} of type {type(value).__name__}."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"`{name}` must be a finite number greater than 0 (e.g. 1.0 to "
-            f"10.0), got {value!r}."
-        )
 
 
 def _check_k(k, num_classes):
@@ -70,13 +57,6 @@ def _check_k(k, num_classes):
             f"`teacher_logits` with {num_classes} classes. Use "
             f"k <= {num_classes} (k={num_classes} keeps the whole "
             "distribution)."
-        )
-
-
-def _check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
         )
 
 
@@ -358,9 +338,9 @@ def sparse_forward_kl(
     _check_temperature(temperature)
     if tail not in TAILS:
         raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}.")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if targets_temperature is not None:
-        _check_positive_number("targets_temperature", targets_temperature)
+        check_positive_number("targets_temperature", targets_temperature)
         if tail == "bucket" and targets_temperature != temperature:
             raise ValueError(
                 'tail="bucket" needs the teacher targets at the loss '
@@ -537,7 +517,7 @@ class SparseForwardKL(keras.losses.Loss):
         if tail not in TAILS:
             raise ValueError(f"`tail` must be one of {TAILS}, got {tail!r}.")
         if targets_temperature is not None:
-            _check_positive_number("targets_temperature", targets_temperature)
+            check_positive_number("targets_temperature", targets_temperature)
         super().__init__(**kwargs)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(
