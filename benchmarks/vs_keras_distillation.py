@@ -91,8 +91,8 @@ def run_worker(args):
             (_, _), (x_test, y_test) = data
             for name in STUDENTS:
                 _, epoch_seconds = example._fit(
-                    trained[name], recipe, data, student_epochs, seed,
-                    recipe.batch_size,
+                    trained[name], data, student_epochs, recipe.batch_size,
+                    seed, augment=False,
                 )
                 runs[name].append(
                     {

@@ -136,10 +136,10 @@ def _read_manifest(directory):
 def _describe_mismatch(expected, found):
     parts = [key for key in expected if expected[key] != found.get(key)]
     names = {
-        "teacher": "the teacher's weights",
-        "data": "the inputs",
-        "preprocessing": "the preprocessing",
-        "format": "the storage format (top_k / dtype)",
+        "teacher": "teacher weights",
+        "data": "inputs",
+        "preprocessing": "preprocessing",
+        "format": "storage format (top_k / dtype)",
     }
     return ", ".join(names.get(part, part) for part in parts)
 
@@ -236,6 +236,8 @@ class TeacherOutputCache:
             )
         directory = Path(directory)
         num_examples = _num_examples(inputs)
+        if num_examples == 0:
+            raise ValueError("`inputs` holds no examples.")
         fingerprint = {
             "teacher": teacher_fingerprint(teacher),
             "data": _hash_arrays(_flat_inputs(inputs)),
@@ -251,7 +253,7 @@ class TeacherOutputCache:
             start = manifest["rows_written"]  # resume an interrupted build
         elif manifest is not None and manifest["complete"] and not overwrite:
             raise ValueError(
-                f"The cache in {directory} was built from different "
+                f"The cache in {directory} was built with different "
                 f"{_describe_mismatch(fingerprint, manifest['fingerprint'])}; "
                 "refusing to use or replace stale teacher outputs. Pass "
                 "`overwrite=True` to rebuild it, or use another directory."
@@ -261,30 +263,34 @@ class TeacherOutputCache:
             start = 0
 
         directory.mkdir(parents=True, exist_ok=True)
-        first_outputs = cls._teacher_outputs(
-            teacher, _slice_inputs(inputs, slice(0, 1)), top_k, dtype
-        )
-        arrays = {}
-        for name, first in first_outputs.items():
-            path = directory / f"{name}.npy"
-            shape = (num_examples, *first.shape[1:])
-            mode = "r+" if manifest is not None else "w+"
-            arrays[name] = np.lib.format.open_memmap(
-                path, mode=mode, dtype=first.dtype, shape=shape
-            )
-        manifest = {
-            "fingerprint": fingerprint,
-            "num_examples": num_examples,
-            "rows_written": start,
-            "complete": False,
-            "arrays": sorted(arrays),
-        }
-        _write_manifest(directory, manifest)
+        arrays = None
+        if manifest is not None:
+            arrays = {
+                name: np.load(directory / f"{name}.npy", mmap_mode="r+")
+                for name in manifest["arrays"]
+            }
         for begin in range(start, num_examples, batch_size):
             rows = slice(begin, min(begin + batch_size, num_examples))
             outputs = cls._teacher_outputs(
                 teacher, _slice_inputs(inputs, rows), top_k, dtype
             )
+            if arrays is None:
+                arrays = {
+                    name: np.lib.format.open_memmap(
+                        directory / f"{name}.npy",
+                        mode="w+",
+                        dtype=values.dtype,
+                        shape=(num_examples, *values.shape[1:]),
+                    )
+                    for name, values in outputs.items()
+                }
+                manifest = {
+                    "fingerprint": fingerprint,
+                    "num_examples": num_examples,
+                    "rows_written": 0,
+                    "complete": False,
+                    "arrays": sorted(arrays),
+                }
             for name, values in outputs.items():
                 arrays[name][rows] = values
                 arrays[name].flush()
@@ -297,10 +303,10 @@ class TeacherOutputCache:
 
     @staticmethod
     def _teacher_outputs(teacher, batch, top_k, dtype):
-        logits = teacher(batch, training=False)
+        # A compiled inference step, as `predict` runs it.
+        logits = teacher.predict_on_batch(batch)
         if top_k is None:
-            values = keras.ops.convert_to_numpy(logits).astype(dtype)
-            return {TEACHER_LOGITS: values}
+            return {TEACHER_LOGITS: np.asarray(logits).astype(dtype)}
         log_probs, indices = top_k_teacher_targets(logits, top_k)
         indices = keras.ops.convert_to_numpy(indices)
         vocabulary_size = logits.shape[-1]
@@ -338,7 +344,7 @@ class TeacherOutputCache:
         mismatch = _describe_mismatch(given, stored)
         if mismatch:
             raise ValueError(
-                f"The cache in {directory} is stale: it was built from "
+                f"The cache in {directory} is stale: it was built with "
                 f"different {mismatch}. Rebuild it with "
                 "`TeacherOutputCache.build(..., overwrite=True)`."
             )

@@ -13,20 +13,24 @@ from tests.test_distiller import make_data
 from tests.test_distiller import make_teacher
 
 
-class CountingTeacher(keras.Model):
-    """Wraps a teacher, counting calls; raises after `fail_after` calls."""
+@pytest.fixture
+def teacher_batches(monkeypatch):
+    """Counts the cache's teacher batches; can interrupt after some."""
 
-    def __init__(self, teacher, fail_after=None, **kwargs):
-        super().__init__(**kwargs)
-        self.teacher = teacher
-        self.calls = 0
-        self.fail_after = fail_after
+    class Counter:
+        batches = 0
+        fail_after = None
 
-    def call(self, inputs, training=False):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
+    original = TeacherOutputCache._teacher_outputs
+
+    def counted(*args):
+        Counter.batches += 1
+        if Counter.fail_after is not None and Counter.batches > Counter.fail_after:
             raise KeyboardInterrupt("simulated interruption")
-        return self.teacher(inputs, training=training)
+        return original(*args)
+
+    monkeypatch.setattr(TeacherOutputCache, "_teacher_outputs", staticmethod(counted))
+    return Counter
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -65,15 +69,15 @@ def test_shuffled_batches_keep_each_example_with_its_own_outputs(tmp_path):
     assert seen[:64] != seen[64:]  # a new order each epoch
 
 
-def test_distiller_trains_from_the_cache_without_calling_the_teacher(tmp_path):
+def test_distiller_trains_from_the_cache_without_the_teacher(
+    tmp_path, teacher_batches
+):
     x, y = make_data()
-    counting = CountingTeacher(make_teacher())
-    cache = TeacherOutputCache.build(counting, x, tmp_path, batch_size=16)
-    assert counting.calls == 1 + 4  # a probe row, then 4 batches
+    cache = TeacherOutputCache.build(make_teacher(), x, tmp_path, batch_size=16)
+    assert teacher_batches.batches == 4
     distiller = compiled_distiller(teacher=None)
     history = distiller.fit(cache.dataset(x, y, batch_size=16), epochs=3, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
-    assert counting.calls == 5
 
 
 def test_top_k_cache_trains_the_distiller(tmp_path):
@@ -87,20 +91,23 @@ def test_top_k_cache_trains_the_distiller(tmp_path):
     assert np.isfinite(history.history["distillation_loss"]).all()
 
 
-def test_complete_cache_is_reused_and_stale_cache_refused(tmp_path):
+def test_complete_cache_is_reused_and_stale_cache_refused(
+    tmp_path, teacher_batches
+):
     x, _ = make_data()
     teacher = make_teacher()
     TeacherOutputCache.build(teacher, x, tmp_path)
-    counting = CountingTeacher(teacher)
-    # The wrapper has the same weights: same fingerprint, nothing recomputed.
-    TeacherOutputCache.build(counting, x, tmp_path)
-    assert counting.calls == 0
+    assert teacher_batches.batches == 1
+    same_weights = keras.models.clone_model(teacher)
+    same_weights.set_weights(teacher.get_weights())
+    TeacherOutputCache.build(same_weights, x, tmp_path)
+    assert teacher_batches.batches == 1  # same fingerprint: nothing recomputed
     other_teacher = make_teacher(seed=7)
-    with pytest.raises(ValueError, match="different the teacher's weights"):
+    with pytest.raises(ValueError, match="different teacher weights"):
         TeacherOutputCache.build(other_teacher, x, tmp_path)
-    with pytest.raises(ValueError, match="different the inputs"):
+    with pytest.raises(ValueError, match="different inputs"):
         TeacherOutputCache.build(teacher, x + 1.0, tmp_path)
-    with pytest.raises(ValueError, match="different the preprocessing"):
+    with pytest.raises(ValueError, match="different preprocessing"):
         TeacherOutputCache.build(teacher, x, tmp_path, preprocessing={"scale": 2})
     with pytest.raises(ValueError, match="stale"):
         TeacherOutputCache.open(tmp_path, teacher=other_teacher)
@@ -113,19 +120,19 @@ def test_complete_cache_is_reused_and_stale_cache_refused(tmp_path):
     )
 
 
-def test_interrupted_build_is_detected_and_resumed(tmp_path):
+def test_interrupted_build_is_detected_and_resumed(tmp_path, teacher_batches):
     x, _ = make_data()
     teacher = make_teacher()
-    interrupted = CountingTeacher(teacher, fail_after=3)  # probe + 2 batches
+    teacher_batches.fail_after = 2
     with pytest.raises(KeyboardInterrupt):
-        TeacherOutputCache.build(interrupted, x, tmp_path, batch_size=16)
+        TeacherOutputCache.build(teacher, x, tmp_path, batch_size=16)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert (manifest["complete"], manifest["rows_written"]) == (False, 32)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherOutputCache(tmp_path)
-    resumed = CountingTeacher(teacher)
-    cache = TeacherOutputCache.build(resumed, x, tmp_path, batch_size=16)
-    assert resumed.calls == 1 + 2  # the probe row and the 2 missing batches
+    teacher_batches.fail_after = None
+    cache = TeacherOutputCache.build(teacher, x, tmp_path, batch_size=16)
+    assert teacher_batches.batches == 3 + 2  # the 2 missing batches only
     np.testing.assert_allclose(
         cache.targets(slice(None))["teacher_logits"],
         keras.ops.convert_to_numpy(teacher(x)),
