@@ -127,8 +127,8 @@ def cached_vs_online_epochs(example, data, epochs):
     results["keras_distillation_seconds"] = time.perf_counter() - start
 
     for name, model in copies.items():
-        results[f"{name}_accuracy"] = example.test_accuracy(model, x_test, y_test)
-    results["teacher_accuracy"] = example.test_accuracy(teacher, x_test, y_test)
+        results[f"{name}_accuracy"] = example.classification_accuracy(model, x_test, y_test)
+    results["teacher_accuracy"] = example.classification_accuracy(teacher, x_test, y_test)
     results["epochs"] = epochs
     return results
 

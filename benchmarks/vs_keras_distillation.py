@@ -97,7 +97,7 @@ def run_worker(args):
                 runs[name].append(
                     {
                         "seed": seed,
-                        "test_accuracy": example.test_accuracy(
+                        "test_accuracy": example.classification_accuracy(
                             copies[name], x_test, y_test
                         ),
                         # The first epoch includes tracing and compilation.

@@ -52,7 +52,7 @@ class MNISTSplits:
 
 
 def _read_idx(path, magic, header_size):
-    """Returns the big-endian header fields and the uint8 payload of an IDX file."""
+    """Returns the header fields after the magic number, and the payload."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -64,8 +64,8 @@ def _read_idx(path, magic, header_size):
         data = file.read()
     if len(data) < header_size:
         raise ValueError(
-            f"{path} holds {len(data)} bytes, fewer than the {header_size}-byte "
-            "IDX header: the file is truncated or corrupt."
+            f"{path} holds {len(data)} bytes, fewer than the "
+            f"{header_size}-byte IDX header: the file is truncated or corrupt."
         )
     header = np.frombuffer(data[:header_size], dtype=">u4")
     if header[0] != magic:
@@ -77,10 +77,11 @@ def _read_idx(path, magic, header_size):
 
 
 def read_idx_images(path):
-    """Reads uint8 images from a gzipped IDX3 file (e.g. `t10k-images-idx3-ubyte.gz`).
+    """Reads uint8 images from a gzipped IDX3 file.
 
     Args:
-        path: Path to the `.gz` file.
+        path: Path to the `.gz` file, e.g. `t10k-images-idx3-ubyte.gz` (a
+            16-byte header, then one byte per pixel, row by row).
 
     Returns:
         A uint8 array of shape `(count, rows, columns)`.
@@ -101,10 +102,11 @@ def read_idx_images(path):
 
 
 def read_idx_labels(path):
-    """Reads uint8 labels from a gzipped IDX1 file (e.g. `t10k-labels-idx1-ubyte.gz`).
+    """Reads uint8 labels from a gzipped IDX1 file.
 
     Args:
-        path: Path to the `.gz` file.
+        path: Path to the `.gz` file, e.g. `t10k-labels-idx1-ubyte.gz` (an
+            8-byte header, then one byte per label).
 
     Returns:
         A uint8 array of shape `(count,)`.
@@ -155,11 +157,15 @@ def _load_idx_split(data_dir, train_size, seed):
     x_train, y_train = _as_model_inputs(
         images[train_indices], labels[train_indices]
     )
-    x_test, y_test = _as_model_inputs(images[test_indices], labels[test_indices])
+    x_test, y_test = _as_model_inputs(
+        images[test_indices], labels[test_indices]
+    )
     return MNISTSplits(x_train, y_train, x_test, y_test, source="idx")
 
 
-def load_mnist(data_dir="../shared/data", train_size=8000, seed=0, download=True):
+def load_mnist(
+    data_dir="../shared/data", train_size=8000, seed=0, download=True
+):
     """Loads MNIST as float32 images in `[0, 1]` and int32 labels.
 
     With `download=True` it first tries `keras.datasets.mnist.load_data()` and,

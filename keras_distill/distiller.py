@@ -46,6 +46,8 @@ def split_targets(y):
     >>> split_targets([1])
     ([1], None)
     """
+    if isinstance(y, dict) and set(y) == {LABELS}:
+        return y[LABELS], None
     if not isinstance(y, dict) or not any(k in y for k in _TEACHER_OUTPUT_KEYS):
         return y, None
     unknown = set(y) - {LABELS, *_TEACHER_OUTPUT_KEYS}
@@ -86,6 +88,30 @@ def _is_keras_kl(loss):
     if isinstance(loss, keras.losses.KLDivergence):
         return True
     return loss is keras.losses.kl_divergence
+
+
+# Both models return logits, so the crossentropies named by string are built
+# with `from_logits=True` (`keras.losses.get` would assume probabilities).
+_LOGITS_CROSSENTROPIES = {
+    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
+    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+    "binary_crossentropy": keras.losses.BinaryCrossentropy,
+}
+
+
+def _logits_loss(loss):
+    """The hard-label loss, refusing crossentropies that expect probabilities."""
+    if isinstance(loss, str):
+        if loss in _LOGITS_CROSSENTROPIES:
+            return _LOGITS_CROSSENTROPIES[loss](from_logits=True)
+        return keras.losses.get(loss)
+    if getattr(loss, "from_logits", True) is False:
+        raise ValueError(
+            "`student_loss_fn` expects probabilities (from_logits=False), but "
+            "the student returns logits: use e.g. "
+            "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`."
+        )
+    return loss
 
 
 def _is_forward_kl(loss):
@@ -304,8 +330,7 @@ class Distiller(keras.Model):
                 "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`"
                 "; or pass alpha=0 to train on the teacher alone."
             )
-        if isinstance(student_loss_fn, str):
-            student_loss_fn = keras.losses.get(student_loss_fn)
+        student_loss_fn = _logits_loss(student_loss_fn)
         self._student_losses = (
             None if student_loss_fn is None else _per_example_loss_fn(
                 student_loss_fn

@@ -19,6 +19,7 @@ Conventions shared by every divergence:
 """
 
 import math
+import numbers
 
 import keras
 from keras import ops
@@ -28,7 +29,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def check_positive_number(name, value):
     """Raises unless `value` is a finite Python number greater than 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"`{name}` must be a Python number greater than 0, "
             f"got {value!r} of type {type(value).__name__}."
@@ -55,7 +56,7 @@ def check_reduction(reduction):
 def check_unit_interval(name, value, include_one=True):
     """Raises unless `value` is a Python number in [0, 1] (or [0, 1))."""
     upper = "1]" if include_one else "1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"`{name}` must be a Python number in [0, {upper}, got {value!r}."
         )

@@ -510,6 +510,27 @@ def test_bad_compile_arguments_fail_early_and_name_the_argument(kwargs, error, m
         distiller.compile(**arguments)
 
 
+def test_crossentropy_by_name_reads_logits_and_probability_losses_are_refused():
+    x, y = make_data()
+    distiller = Distiller(student=make_student(), teacher=make_teacher())
+    distiller.compile(
+        student_loss_fn="sparse_categorical_crossentropy",
+        alpha=np.float32(0.5),  # NumPy scalars are numbers too
+        temperature=np.float64(3.0),
+    )
+    results = distiller.evaluate(x, y, batch_size=64, return_dict=True, verbose=0)
+    hard, _ = reference_losses(distiller, x, y)
+    assert results["student_loss"] == pytest.approx(hard, rel=1e-5)
+    labels_only = distiller.evaluate(
+        x, {"labels": y}, batch_size=64, return_dict=True, verbose=0
+    )
+    assert labels_only["loss"] == pytest.approx(results["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="from_logits=True"):
+        distiller.compile(
+            student_loss_fn=keras.losses.SparseCategoricalCrossentropy()
+        )
+
+
 def test_output_shape_mismatch_names_both_class_counts():
     with pytest.raises(ValueError, match="Teacher outputs 11 classes, student 5"):
         Distiller(student=make_student(), teacher=make_teacher(num_classes=11))

@@ -46,7 +46,8 @@ def test_quick_run_prints_the_table(quick_run):
     table = printed[printed.index("model "):]
     rows = table.splitlines()
     assert rows[0].split() == [
-        "model", "test", "accuracy", "params", "size", "on", "disk", "s/epoch"
+        "model", "test", "accuracy", "params", "size", "on", "disk", "median",
+        "s/epoch",
     ]
     assert rows[1].startswith("teacher ")
     assert rows[2].startswith("distilled student ") and "±" in rows[2]
