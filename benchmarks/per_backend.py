@@ -5,6 +5,7 @@ backends needs one process each. The worker writes JSON to the path given as
 `--worker-output`; `run_workers` collects them in backend order.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -36,3 +37,33 @@ def run_workers(script, backends, worker_args):
             )
             results.append(json.loads(Path(output.name).read_text()))
     return results
+
+
+def benchmark_parser(description, default_output):
+    """An argument parser with the options every benchmark shares.
+
+    Args:
+        description: The `--help` description.
+        default_output: Default path of the JSON results.
+
+    Returns:
+        An `argparse.ArgumentParser` with `--backends`, `--data-dir`,
+        `--output` and the internal `--worker-output`.
+    """
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--backends", nargs="+", default=["jax", "tensorflow", "torch"]
+    )
+    parser.add_argument("--data-dir", default=str(root.parent / "shared" / "data"))
+    parser.add_argument("--output", default=default_output)
+    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
+    return parser
+
+
+def save_results(results, output):
+    """Writes the workers' results as JSON to `output` and says where."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"wrote {output}")

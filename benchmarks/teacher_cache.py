@@ -21,7 +21,6 @@ models of `examples/mnist_distillation.py`, batch 64, Adam, alpha 0.1, T 10:
     python benchmarks/teacher_cache.py --backends jax --epochs 3
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from per_backend import benchmark_parser
 from per_backend import run_workers
+from per_backend import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,16 +238,10 @@ def format_tables(all_results):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--backends", nargs="+", default=["jax", "tensorflow", "torch"]
-    )
+    parser = benchmark_parser(__doc__.split("\n\n")[0], "runs/teacher_cache.json")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--output", default="runs/teacher_cache.json")
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -263,10 +258,7 @@ def main(argv=None):
     ]
     all_results = run_workers(__file__, args.backends, worker_args)
     print(format_tables(all_results))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(all_results, indent=2))
-    print(f"wrote {output}")
+    save_results(all_results, args.output)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ timing is asserted anywhere; run it and read the table:
     python benchmarks/vs_keras_distillation.py --backends jax --recipes seed
 """
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
+from per_backend import benchmark_parser
 from per_backend import run_workers
+from per_backend import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("ours", "keras", "scratch")
@@ -153,10 +154,7 @@ def format_table(all_results, recipes):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--backends", nargs="+", default=["jax", "tensorflow", "torch"]
-    )
+    parser = benchmark_parser(__doc__.split("\n\n")[0], "runs/vs_keras_distillation.json")
     parser.add_argument(
         "--recipes", nargs="+", default=["default", "seed"],
         choices=["default", "seed"],
@@ -170,9 +168,6 @@ def parse_args(argv=None):
         "--teacher-epochs", type=int, default=None,
         help="teacher epochs (default: the recipe's)",
     )
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--output", default="runs/vs_keras_distillation.json")
-    parser.add_argument("--worker-output", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -193,10 +188,7 @@ def main(argv=None):
     all_results = run_workers(__file__, args.backends, worker_args)
     table = format_table(all_results, args.recipes)
     print(table)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(all_results, indent=2))
-    print(f"wrote {output}")
+    save_results(all_results, args.output)
 
 
 if __name__ == "__main__":
