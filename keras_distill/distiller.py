@@ -461,18 +461,17 @@ class Distiller(keras.Model):
             distillation_loss, teacher_finite = self._dense_distillation_loss(
                 teacher_logits, student_logits, sample_weight
             )
-        y = labels
-        if y is None and self.alpha > 0:
+        if labels is None and self.alpha > 0:
             raise ValueError(
                 f"The data has no labels `y` but alpha={self.alpha} weights a "
                 "hard-label loss: pass labels, or compile with alpha=0 to "
                 "learn from the teacher alone."
             )
-        if self._student_losses is None or y is None:
+        if self._student_losses is None or labels is None:
             student_loss = ops.zeros((), "float32")
         else:
             student_loss = losses_module.weighted_reduce(
-                self._student_losses(y, student_logits), sample_weight
+                self._student_losses(labels, student_logits), sample_weight
             )
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         for extra_loss in self.losses:
