@@ -4,10 +4,16 @@
 split). Machines without internet access fall back to the official MNIST test
 split stored as IDX files, which it splits deterministically into a train and
 a test part.
+
+`load_tiny_shakespeare` reads `tinyshakespeare.txt` from `data_dir` and
+downloads it only when that file is missing. `load_financial_phrasebank`
+reads the Financial PhraseBank files from `data_dir`: their licence (CC
+BY-NC-SA 3.0) does not allow shipping them inside the package.
 """
 
 import dataclasses
 import gzip
+import warnings
 from pathlib import Path
 
 import keras
@@ -214,3 +220,207 @@ def load_mnist(
                 x_train, y_train, x_test, y_test, source="keras.datasets"
             )
     return _load_idx_split(data_dir, train_size, seed)
+
+
+TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt"
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+    "tinyshakespeare/input.txt"
+)
+
+
+def load_tiny_shakespeare(data_dir="../shared/data", download=True):
+    """Loads Tiny Shakespeare (about 1.1 MB of plain text) as one string.
+
+    Reads `data_dir/tinyshakespeare.txt` when it exists. Otherwise, with
+    `download=True`, it downloads the text from `TINY_SHAKESPEARE_URL` with
+    `keras.utils.get_file` (cached under `~/.keras/datasets`).
+
+    Args:
+        data_dir: Folder that may hold `tinyshakespeare.txt`.
+        download: Whether to download the text when the file is missing.
+
+    Returns:
+        The text, a `str` of about 1.1 million characters.
+
+    Example:
+
+    >>> text = load_tiny_shakespeare("../shared/data", download=False)
+    >>> text[:14], len(text)
+    ('First Citizen:', 1115394)
+    """
+    path = Path(data_dir) / TINY_SHAKESPEARE_FILE
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"Tiny Shakespeare not found: {path}. Pass the folder that "
+                f"holds {TINY_SHAKESPEARE_FILE} with `--data-dir` (or "
+                "`data_dir=`), or allow the download (`download=True`)."
+            )
+        try:
+            path = keras.utils.get_file(
+                "tinyshakespeare.txt", origin=TINY_SHAKESPEARE_URL
+            )
+        except Exception as error:
+            # `keras.utils.get_file` raises a bare `Exception` when offline.
+            raise FileNotFoundError(
+                f"Tiny Shakespeare is not in {data_dir} and downloading "
+                f"{TINY_SHAKESPEARE_URL} failed ({error}). Save that file as "
+                f"{Path(data_dir) / TINY_SHAKESPEARE_FILE}, or pass its "
+                "folder with `--data-dir` (or `data_dir=`)."
+            ) from error
+    return Path(path).read_text(encoding="utf-8")
+
+
+PHRASEBANK_DIR = "financial_phrasebank"
+PHRASEBANK_FILES = {
+    "50": "Sentences_50Agree.txt",
+    "66": "Sentences_66Agree.txt",
+    "75": "Sentences_75Agree.txt",
+    "all": "Sentences_AllAgree.txt",
+}
+# A fixed order, so that label ids mean the same in every file and run.
+PHRASEBANK_CLASSES = ("negative", "neutral", "positive")
+# Beyond this many, a warning gives the count instead of every line.
+_MAX_REPORTED_LINES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class PhraseBank:
+    """Financial PhraseBank sentences and labels of one agreement level.
+
+    Unpacks as `sentences, labels = phrasebank`.
+
+    Attributes:
+        sentences: The sentences as `str`, in file order (a few occur twice
+            in a file).
+        labels: int32 label ids of shape `(n,)`, indices into `class_names`.
+        class_names: `("negative", "neutral", "positive")`.
+        path: The file that was read.
+        skipped_lines: 1-based numbers of the malformed lines skipped.
+    """
+
+    sentences: list
+    labels: np.ndarray
+    class_names: tuple
+    path: Path
+    skipped_lines: tuple
+
+    def __iter__(self):
+        yield self.sentences
+        yield self.labels
+
+
+def parse_phrasebank_lines(lines):
+    """Parses `sentence@label` lines, splitting each on its last `@`.
+
+    Lines that have no `@`, an empty sentence or a label other than those in
+    `PHRASEBANK_CLASSES` are malformed; blank lines are ignored.
+
+    Args:
+        lines: An iterable of text lines.
+
+    Returns:
+        `(sentences, label_ids, malformed)`: the sentences, their label ids
+        (indices into `PHRASEBANK_CLASSES`), and `(line_number, line)` of
+        every malformed line, with 1-based line numbers.
+
+    Example:
+
+    >>> parse_phrasebank_lines(["Up 5 % @ EUR 2 .@positive", "1", ""])
+    (['Up 5 % @ EUR 2 .'], [2], [(2, '1')])
+    """
+    sentences, label_ids, malformed = [], [], []
+    for line_number, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        sentence, separator, label = line.rpartition("@")
+        sentence, label = sentence.strip(), label.strip()
+        if not separator or not sentence or label not in PHRASEBANK_CLASSES:
+            malformed.append((line_number, line))
+            continue
+        sentences.append(sentence)
+        label_ids.append(PHRASEBANK_CLASSES.index(label))
+    return sentences, label_ids, malformed
+
+
+def load_financial_phrasebank(data_dir="../shared/data", agreement="50"):
+    """Loads Financial PhraseBank v1.0 (Malo et al., 2014) from local files.
+
+    Reads `data_dir/financial_phrasebank/Sentences_<agreement>Agree.txt`
+    (or `data_dir/Sentences_...` directly), decoded as ISO-8859-1, the
+    files' encoding, in which every byte is a character, so no file fails
+    to decode. Each line is `sentence@label`, split on its last `@`.
+    Malformed lines (such as the stray line `1` in the all-agree file) are
+    skipped and reported, by line number, in one `UserWarning`.
+
+    The dataset is licensed CC BY-NC-SA 3.0 and is not downloaded here; get
+    `FinancialPhraseBank-v1.0.zip` from its authors (or the Hugging Face
+    dataset `takala/financial_phrasebank`) and unzip it into `data_dir`.
+
+    Args:
+        data_dir: Folder holding `financial_phrasebank/` (or the files).
+        agreement: Minimum share of annotators that agreed on the label:
+            `"50"`, `"66"`, `"75"` or `"all"`.
+
+    Returns:
+        A `PhraseBank` that unpacks as `sentences, labels`; label ids index
+        `PHRASEBANK_CLASSES` = `("negative", "neutral", "positive")`.
+
+    Example:
+
+    >>> bank = load_financial_phrasebank("../shared/data", agreement="50")
+    >>> len(bank.sentences), bank.class_names
+    (4846, ('negative', 'neutral', 'positive'))
+    >>> np.bincount(bank.labels).tolist()
+    [604, 2879, 1363]
+    """
+    agreement = str(agreement).lower()
+    if agreement not in PHRASEBANK_FILES:
+        raise ValueError(
+            f"`agreement` must be one of {sorted(PHRASEBANK_FILES)}, got "
+            f"{agreement!r}."
+        )
+    file_name = PHRASEBANK_FILES[agreement]
+    candidates = [
+        Path(data_dir) / PHRASEBANK_DIR / file_name,
+        Path(data_dir) / file_name,
+    ]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"Financial PhraseBank file not found: {candidates[0]}. Unzip "
+            "FinancialPhraseBank-v1.0.zip into the folder passed as "
+            "`--data-dir` (or `data_dir=`), so that it holds "
+            f"{PHRASEBANK_DIR}/{file_name}."
+        )
+    with open(path, encoding="iso-8859-1", newline="") as file:
+        sentences, label_ids, malformed = parse_phrasebank_lines(file)
+    if malformed:
+        reported = "; ".join(
+            f"line {number}: {line[:60]!r}"
+            for number, line in malformed[:_MAX_REPORTED_LINES]
+        )
+        more = len(malformed) - _MAX_REPORTED_LINES
+        if more > 0:
+            reported += f"; and {more} more"
+        warnings.warn(
+            f"Skipped {len(malformed)} malformed line(s) of {path} (expected "
+            f"'sentence@label' with label in {PHRASEBANK_CLASSES}): "
+            f"{reported}.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not sentences:
+        raise ValueError(
+            f"{path} holds no 'sentence@label' lines: it is not a Financial "
+            "PhraseBank file."
+        )
+    return PhraseBank(
+        sentences=sentences,
+        labels=np.asarray(label_ids, dtype="int32"),
+        class_names=PHRASEBANK_CLASSES,
+        path=path,
+        skipped_lines=tuple(number for number, _ in malformed),
+    )

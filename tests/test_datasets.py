@@ -1,6 +1,7 @@
 """Tests for `keras_distill.datasets` on the real MNIST IDX files."""
 
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,139 @@ def test_download_success_uses_the_official_split(monkeypatch):
     assert x_train.shape == (4, 28, 28, 1) and x_test.shape == (2, 28, 28, 1)
     assert x_train.dtype == np.float32 and x_train.max() == 1.0
     np.testing.assert_array_equal(y_train, [0, 1, 2, 3])
+
+
+def test_tiny_shakespeare_reads_the_local_file(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("the local file must be read without download")
+
+    monkeypatch.setattr(datasets.keras.utils, "get_file", no_download)
+    text = datasets.load_tiny_shakespeare(DATA_DIR)
+    expected = (DATA_DIR / datasets.TINY_SHAKESPEARE_FILE).read_bytes()
+    assert text.encode("utf-8") == expected
+    assert text.startswith("First Citizen:\nBefore we proceed any further")
+    assert len(text) == 1115394
+
+
+def test_tiny_shakespeare_downloads_when_the_file_is_missing(
+    tmp_path, monkeypatch
+):
+    downloaded = tmp_path / "cache" / "input.txt"
+    downloaded.parent.mkdir()
+    downloaded.write_text("ROMEO:\nHello.\n", encoding="utf-8")
+    calls = []
+
+    def get_file(fname, origin):
+        calls.append(origin)
+        return str(downloaded)
+
+    monkeypatch.setattr(datasets.keras.utils, "get_file", get_file)
+    assert datasets.load_tiny_shakespeare(tmp_path) == "ROMEO:\nHello.\n"
+    assert calls == [datasets.TINY_SHAKESPEARE_URL]
+
+
+def test_tiny_shakespeare_missing_file_names_the_path_and_the_flag(
+    tmp_path, monkeypatch
+):
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.load_tiny_shakespeare(tmp_path, download=False)
+    assert str(tmp_path / datasets.TINY_SHAKESPEARE_FILE) in str(error.value)
+    assert "--data-dir" in str(error.value)
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(datasets.keras.utils, "get_file", offline)
+    with pytest.raises(FileNotFoundError, match="downloading .* failed"):
+        datasets.load_tiny_shakespeare(tmp_path)
+
+
+def _phrasebank_reference(path):
+    """Independent parse of a PhraseBank file: (sentences, labels, bad lines)."""
+    raw = Path(path).read_bytes().decode("latin-1").split("\n")
+    sentences, labels, bad = [], [], []
+    for number, line in enumerate(raw, start=1):
+        if not line:
+            continue
+        head, _, tail = line.rpartition("@")
+        if tail in ("negative", "neutral", "positive") and head.strip():
+            sentences.append(head.strip())
+            labels.append(["negative", "neutral", "positive"].index(tail))
+        else:
+            bad.append(number)
+    return sentences, labels, bad
+
+
+@pytest.mark.parametrize(
+    "agreement, count, class_counts",
+    [("50", 4846, [604, 2879, 1363]), ("all", 2263, [303, 1390, 570])],
+)
+def test_phrasebank_matches_the_real_files(agreement, count, class_counts):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank = datasets.load_financial_phrasebank(DATA_DIR, agreement)
+    sentences, labels = bank
+    assert bank.class_names == ("negative", "neutral", "positive")
+    assert len(sentences) == len(labels) == count
+    assert labels.dtype == np.int32
+    assert np.bincount(labels).tolist() == class_counts
+    reference = _phrasebank_reference(bank.path)
+    assert sentences == reference[0]
+    assert labels.tolist() == reference[1]
+    assert list(bank.skipped_lines) == reference[2]
+    # Non-ASCII bytes decode as ISO-8859-1 characters.
+    assert any(any(ord(c) > 127 for c in s) for s in sentences)
+    assert all(s == s.strip() for s in sentences)
+    if agreement == "all":
+        # The stray line "1" of the all-agree file, reported by number.
+        assert bank.skipped_lines == (38,)
+        assert len(caught) == 1 and "line 38: '1'" in str(caught[0].message)
+    else:
+        assert bank.skipped_lines == () and not caught
+
+
+def test_phrasebank_splits_on_the_last_at_and_reports_bad_lines(tmp_path):
+    lines = [
+        "Shares @ EUR 5 rose .@positive",      # '@' inside the sentence
+        "no label at all",                       # no '@'
+        "",                                       # blank: ignored
+        "Profit fell .@negative\r",             # CRLF line ending
+        "Odd label .@bullish",                  # unknown label
+        "@neutral",                              # empty sentence
+        "Caf\xe9 sales were flat .@neutral",    # a Latin-1 byte
+    ]
+    path = tmp_path / "Sentences_75Agree.txt"
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.warns(UserWarning) as record:
+        bank = datasets.load_financial_phrasebank(tmp_path, agreement="75")
+    assert bank.sentences == [
+        "Shares @ EUR 5 rose .", "Profit fell .", "Caf\xe9 sales were flat .",
+    ]
+    assert bank.labels.tolist() == [2, 0, 1]
+    assert bank.skipped_lines == (2, 5, 6)
+    message = str(record[0].message)
+    assert "3 malformed line(s)" in message
+    for number in (2, 5, 6):
+        assert f"line {number}:" in message
+
+
+def test_phrasebank_never_fails_on_the_encoding(tmp_path):
+    folder = tmp_path / datasets.PHRASEBANK_DIR
+    folder.mkdir()
+    # Every byte value 0x80-0xFF, including ones invalid as UTF-8.
+    sentence = bytes(range(0x80, 0x100)) + b" ."
+    (folder / "Sentences_66Agree.txt").write_bytes(sentence + b"@neutral\n")
+    bank = datasets.load_financial_phrasebank(tmp_path, agreement="66")
+    assert bank.sentences == [sentence.decode("latin-1")]
+
+
+def test_phrasebank_bad_arguments_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="`agreement` must be one of"):
+        datasets.load_financial_phrasebank(DATA_DIR, agreement="90")
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.load_financial_phrasebank(tmp_path, agreement="all")
+    message = str(error.value)
+    assert "Sentences_AllAgree.txt" in message and "--data-dir" in message
+    (tmp_path / "Sentences_50Agree.txt").write_text("nothing here\n")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no 'sen"):
+        datasets.load_financial_phrasebank(tmp_path)
