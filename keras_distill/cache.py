@@ -9,35 +9,59 @@ are too, so they can be computed once, stored next to the data and read back:
     distiller.compile(...)
     distiller.fit(cache.dataset(x_train, y_train, batch_size=64), epochs=10)
 
-Storage. One directory holds `manifest.json` and `.npy` arrays with one row
-per example, read memory-mapped (`np.load(mmap_mode="r")`), so a cache larger
-than RAM works and a batch reads only its own rows. Two formats:
+Inputs. `build` takes NumPy arrays (one row per example), a `tf.data.Dataset`,
+a `keras.utils.PyDataset` or any iterable of batches (a Python generator),
+each batch `x`, `(x,)`, `(x, y)` or `(x, y, sample_weight)` as `fit` takes
+them; only `x` reaches the teacher. `dataset` joins the teacher's outputs to
+NumPy arrays (and batches and shuffles them) or to a pipeline of the same
+kinds, which keeps its own batching and shuffling.
 
-- dense: `teacher_logits.npy`, float16 by default (halves float32; logits are
-  distilled at temperatures where float16's 1e-3 relative precision is far
-  below the teacher's own noise). float32 is available.
-- top-k (`top_k=k`): `teacher_top_log_probs.npy` (float16 log-probabilities at
-  T = 1) and `teacher_top_indices.npy` (the smallest unsigned integer type that
-  holds the vocabulary), the format `keras_distill.sparse` trains on.
-
-Safety. The manifest records a fingerprint of the teacher's weights, of the
-inputs and of a user-given `preprocessing` description; `build` and `open`
-refuse a cache whose fingerprint does not match, naming the part that differs.
-Rows are written in order and `rows_written` is committed to the manifest
-after each batch (by an atomic rename), so a build interrupted half-way is
-detected (`complete: false`) and resumed from the last committed row by the
-next `build` with the same teacher and data.
+Matching examples to outputs. Every example is hashed as it streams (BLAKE2b,
+128 bits, over its bytes, dtypes and shapes), and the cache keeps a sorted
+index from these digests to its rows. An example's row is found from the
+example itself, so any order, batching or shuffling of the inputs (a
+shuffled `tf.data` pipeline, a `PyDataset` that reshuffles every epoch, a
+subset of the arrays) keeps each example with its own teacher outputs, and an
+example the cache has never seen is refused by name rather than given another
+example's outputs.
 
 Data augmentation changes the inputs every epoch, which a cache cannot follow:
-the teacher would label images the student never sees. Use online
-distillation (a `Distiller` with a teacher) for augmented pipelines. For the
-same reason the cache takes the inputs as NumPy arrays, one row per example,
-exactly as the student will see them, and refuses pipeline objects.
+the teacher would label images the student never sees. Such examples are not
+in the cache, so the first one stops training with an error. `build` also
+refuses pipelines it can tell are random: a `tf.data.Dataset` or `PyDataset`
+whose first batch differs between two reads, and Keras random preprocessing
+layers (anything holding a `keras.random.SeedGenerator`, e.g. `RandomFlip`)
+passed as `preprocessing`. Use online distillation (a `Distiller` with a
+teacher) for augmented pipelines.
+
+Storage. One directory holds `manifest.json` and flat binary files with one
+row per example, appended batch by batch and read memory-mapped
+(`np.memmap`), so a cache larger than RAM works and a batch reads only its
+own rows. Formats:
+
+- `"float16"` (default) or `"float32"` dense logits, `teacher_logits.bin`;
+  float16 halves float32, and its 1e-3 relative precision is far below the
+  teacher's own noise at distillation temperatures.
+- top-k (`top_k=k`): `teacher_top_log_probs.bin` (log-probabilities at T = 1
+  in the chosen float type) and `teacher_top_indices.bin` (the smallest
+  unsigned integer type that holds the vocabulary), the format
+  `keras_distill.sparse` trains on.
+
+Safety. The manifest records a fingerprint of the teacher's weights, of the
+`preprocessing` (a JSON description, or the Keras layers themselves: their
+configs and weights), of the storage format and of the data (the sorted
+example digests). `build` and `open` refuse a cache whose fingerprint does not
+match, naming the part that differs. Rows are appended and `rows_written` is
+committed to the manifest after each batch (by an atomic rename, after the
+data is flushed to disk), so a build interrupted half-way is detected
+(`complete: false`), never read, and resumed by the next `build` with the same
+teacher: examples already stored are skipped, the teacher runs on the rest.
 """
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import keras
@@ -50,8 +74,14 @@ from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
 from keras_distill.sparse import top_k_teacher_targets
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-DTYPES = ("float16", "float32")
+FORMAT_VERSION = 2
+FORMATS = ("float16", "float32")
+DIGESTS = "example_digests"
+DIGEST_INDEX = "digest_index"
+DIGEST_ROWS = "digest_rows"
+# 128-bit digests: a collision among 1e12 examples has probability ~1e-15.
+DIGEST_BYTES = 16
+DIGEST_DTYPE = np.dtype(f"S{DIGEST_BYTES}")
 
 
 def _hash_arrays(arrays):
@@ -83,13 +113,117 @@ def teacher_fingerprint(teacher):
     )
 
 
-def _flat_inputs(inputs):
-    """The arrays of NumPy inputs (an array, or a dict/list of arrays)."""
-    return [np.asarray(array) for array in keras.tree.flatten(inputs)]
+def _random_layers(layers):
+    """Names of the layers (and sublayers) that draw random numbers."""
+    names = []
+    for layer in layers:
+        for sublayer in layer._flatten_layers(include_self=True):
+            if any(
+                isinstance(value, keras.random.SeedGenerator)
+                for value in vars(sublayer).values()
+            ):
+                names.append(f"{sublayer.name} ({type(sublayer).__name__})")
+    return names
+
+
+def preprocessing_fingerprint(preprocessing):
+    """A string identifying how the inputs were made, for the fingerprint.
+
+    Args:
+        preprocessing: `None`, a JSON-serializable description (tokenizer,
+            sequence length, ...), or the Keras layers the pipeline applies
+            (a layer or a list of layers); layers are identified by their
+            configs and weights.
+
+    Returns:
+        A string.
+
+    Raises:
+        ValueError: If a layer draws random numbers (random augmentation).
+
+    Example:
+
+    >>> preprocessing_fingerprint({"sequence_length": 64})
+    '{"sequence_length": 64}'
+    """
+    layers = preprocessing
+    if isinstance(layers, keras.layers.Layer):
+        layers = [layers]
+    if isinstance(layers, (list, tuple)) and layers and all(
+        isinstance(layer, keras.layers.Layer) for layer in layers
+    ):
+        random_layers = _random_layers(layers)
+        if random_layers:
+            raise ValueError(
+                "`preprocessing` holds random layers "
+                f"{random_layers}: random augmentation changes the inputs "
+                "every epoch, which a teacher-output cache cannot follow. "
+                "Cache the unaugmented inputs, or distill online (a "
+                "`Distiller` with a teacher) for augmented pipelines."
+            )
+        description = {
+            "layers": [
+                keras.saving.serialize_keras_object(layer) for layer in layers
+            ],
+            "weights": _hash_arrays(
+                keras.ops.convert_to_numpy(weight)
+                for layer in layers
+                for weight in layer.weights
+            ),
+        }
+        return json.dumps(description, sort_keys=True, default=str)
+    try:
+        return json.dumps(preprocessing, sort_keys=True)
+    except TypeError as error:
+        raise TypeError(
+            "`preprocessing` must be JSON-serializable (a description such as "
+            '`{"tokenizer": "gemma3", "sequence_length": 512}`) or Keras '
+            f"preprocessing layers, got {type(preprocessing).__name__}: {error}"
+        ) from None
+
+
+# Inputs: NumPy arrays or a stream of batches.
+
+
+def _tf_dataset_class():
+    # A tf.data.Dataset exists only if TensorFlow was imported by its maker.
+    tensorflow = sys.modules.get("tensorflow")
+    return getattr(getattr(tensorflow, "data", None), "Dataset", None)
+
+
+def _is_stream(data):
+    if isinstance(data, keras.utils.PyDataset):
+        return True
+    dataset_class = _tf_dataset_class()
+    if dataset_class is not None and isinstance(data, dataset_class):
+        return True
+    if isinstance(data, (dict, list, tuple, str, bytes)):
+        return False
+    return hasattr(data, "__iter__") and not hasattr(data, "__array__")
+
+
+def _to_numpy(structure):
+    def convert(value):
+        array = np.asarray(keras.ops.convert_to_numpy(value))
+        if array.ndim == 0 or array.dtype.kind not in "biuf":
+            raise TypeError(
+                "The inputs must be numeric arrays with one row per example "
+                f"(first axis), got an array of dtype {array.dtype} and shape "
+                f"{array.shape}."
+            )
+        return array
+
+    return keras.tree.map_structure(convert, structure)
+
+
+def _batch_inputs(batch):
+    """The `x` of a batch given as `x`, `(x,)`, `(x, y)` or `(x, y, w)`."""
+    inputs, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+    return _to_numpy(inputs)
 
 
 def _num_examples(inputs):
-    lengths = {len(array) for array in _flat_inputs(inputs)}
+    lengths = {len(array) for array in keras.tree.flatten(inputs)}
     if len(lengths) != 1:
         raise ValueError(
             "Every input array must have the same number of examples (first "
@@ -99,30 +233,123 @@ def _num_examples(inputs):
 
 
 def _slice_inputs(inputs, rows):
-    return keras.tree.map_structure(lambda array: np.asarray(array)[rows], inputs)
+    return keras.tree.map_structure(lambda array: array[rows], inputs)
 
 
-def _check_inputs(inputs):
-    if isinstance(inputs, keras.utils.PyDataset):
+def _check_arrays(inputs):
+    """NumPy inputs, converted and checked, or a clear error."""
+    if isinstance(inputs, (str, bytes)) or inputs is None:
         raise TypeError(
             "`inputs` must be NumPy arrays (an array or a dict/list of arrays "
-            "with one row per example), got a PyDataset: a cache maps each "
-            "example to its teacher outputs by row. Materialize the inputs "
-            "with `np.concatenate` over the dataset's batches."
+            "with one row per example), a tf.data.Dataset, a "
+            "keras.utils.PyDataset or an iterable of batches, got "
+            f"{type(inputs).__name__}."
         )
-    for array in _flat_inputs(inputs):
-        if array.ndim == 0 or array.dtype.kind not in "biuf":
-            raise TypeError(
-                "`inputs` must be numeric NumPy arrays with one row per "
-                f"example, got an array of dtype {array.dtype} and shape "
-                f"{array.shape}."
-            )
+    inputs = _to_numpy(inputs)
+    if _num_examples(inputs) == 0:
+        raise ValueError("`inputs` holds no examples.")
+    return inputs
+
+
+def _first_batch(data):
+    if isinstance(data, keras.utils.PyDataset):
+        return data[0]
+    return next(data.take(1).as_numpy_iterator())
+
+
+def _check_deterministic(data):
+    """Refuses a re-readable pipeline whose first batch differs between reads."""
+    if not isinstance(data, keras.utils.PyDataset) and not (
+        isinstance(data, _tf_dataset_class() or ())
+    ):
+        return
+    if isinstance(data, keras.utils.PyDataset) and not data.num_batches:
+        raise ValueError(
+            "`inputs` is an infinite (or empty) PyDataset; a cache needs "
+            "every example once: give it a finite `num_batches`."
+        )
+    first, second = (
+        keras.tree.flatten(_batch_inputs(_first_batch(data))) for _ in range(2)
+    )
+    if len(first) != len(second) or any(
+        a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)
+        for a, b in zip(first, second)
+    ):
+        raise ValueError(
+            "`inputs` is random: two reads of its first batch differ. A "
+            "teacher-output cache is built from the exact examples the "
+            "student will see, so build it from the pipeline without random "
+            "augmentation or shuffling (shuffle when training: the cache "
+            "finds each example's outputs by content, in any order), or "
+            "distill online (a `Distiller` with a teacher)."
+        )
+
+
+def _input_batches(inputs, batch_size):
+    """Yields the `x` of each batch as NumPy structures."""
+    if not _is_stream(inputs):
+        inputs = _check_arrays(inputs)
+        num_examples = _num_examples(inputs)
+        for begin in range(0, num_examples, batch_size):
+            yield _slice_inputs(inputs, slice(begin, begin + batch_size))
+        return
+    if isinstance(inputs, keras.utils.PyDataset):
+        for index in range(inputs.num_batches):
+            yield _batch_inputs(inputs[index])
+        return
+    if isinstance(inputs, _tf_dataset_class() or ()):
+        inputs = inputs.as_numpy_iterator()
+    for batch in inputs:
+        yield _batch_inputs(batch)
+
+
+def example_digests(inputs):
+    """128-bit BLAKE2b digests of each example (row) of NumPy inputs.
+
+    Two examples get the same digest exactly when their arrays have the same
+    structure, dtypes, shapes and bytes.
+
+    Args:
+        inputs: An array or a dict/list of arrays with one row per example.
+
+    Returns:
+        A NumPy array of dtype `S16`, one digest per example.
+
+    Example:
+
+    >>> digests = example_digests(np.array([[1, 2], [3, 4], [1, 2]]))
+    >>> digests.shape, bool(digests[0] == digests[2]), bool(digests[0] == digests[1])
+    ((3,), True, False)
+    """
+    leaves = keras.tree.flatten_with_path(inputs)
+    num_examples = _num_examples([array for _, array in leaves])
+    hashers = [hashlib.blake2b(digest_size=DIGEST_BYTES) for _ in range(num_examples)]
+    for path, array in leaves:
+        array = np.ascontiguousarray(array)
+        spec = f"{path}:{array.dtype.str}:{array.shape[1:]};".encode()
+        row_bytes = array.nbytes // max(num_examples, 1)
+        view = memoryview(array.reshape(-1)).cast("B")
+        for row, hasher in enumerate(hashers):
+            hasher.update(spec)
+            hasher.update(view[row * row_bytes : (row + 1) * row_bytes])
+    return np.array([hasher.digest() for hasher in hashers], DIGEST_DTYPE)
+
+
+def _data_fingerprint(digests):
+    unique = np.unique(np.asarray(digests, DIGEST_DTYPE))
+    return hashlib.sha256(unique.tobytes()).hexdigest()
+
+
+# Storage.
 
 
 def _write_manifest(directory, manifest):
     # Write-then-rename: a crash leaves either the old or the new manifest.
     temporary = directory / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2))
+    with open(temporary, "w") as file:
+        file.write(json.dumps(manifest, indent=2))
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, directory / MANIFEST)
 
 
@@ -130,7 +357,10 @@ def _read_manifest(directory):
     path = Path(directory) / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        return {"fingerprint": {"format": "an older cache format"}, **manifest}
+    return manifest
 
 
 def _describe_mismatch(expected, found):
@@ -139,13 +369,93 @@ def _describe_mismatch(expected, found):
         "teacher": "teacher weights",
         "data": "inputs",
         "preprocessing": "preprocessing",
-        "format": "storage format (top_k / dtype)",
+        "format": "storage format (top_k / format)",
     }
     return ", ".join(names.get(part, part) for part in parts)
 
 
+def _memmap(path, dtype, rows, row_shape, mode="r"):
+    if rows == 0:
+        return np.zeros((0, *row_shape), dtype)
+    return np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *row_shape))
+
+
+def _remove_cache_files(directory):
+    """Removes this module's files (and only those) from `directory`."""
+    names = [MANIFEST, MANIFEST + ".tmp"]
+    for name in (DIGESTS, DIGEST_INDEX, DIGEST_ROWS, *_OUTPUT_NAMES):
+        names += [f"{name}.bin", f"{name}.npy"]  # .npy: format version 1
+    for name in names:
+        (Path(directory) / name).unlink(missing_ok=True)
+
+
+_OUTPUT_NAMES = (TEACHER_LOGITS, TEACHER_TOP_LOG_PROBS, TEACHER_TOP_INDICES)
+
+
+class _Writer:
+    """Appends rows to a cache directory and commits them to its manifest."""
+
+    def __init__(self, directory, manifest):
+        self.directory = directory
+        self.manifest = manifest
+        rows = manifest["rows_written"]
+        if rows == 0:
+            _remove_cache_files(directory)
+            _write_manifest(directory, manifest)
+        # Bytes appended after the last committed manifest are dropped.
+        for name, spec in self._files():
+            path = directory / f"{name}.bin"
+            size = rows * spec["row_bytes"]
+            if path.exists():
+                os.truncate(path, size)
+            elif size:
+                raise ValueError(f"The cache in {directory} lacks {path.name}.")
+
+    def _files(self):
+        specs = {DIGESTS: {"row_bytes": DIGEST_BYTES}}
+        for name, spec in self.manifest["arrays"].items():
+            row_bytes = np.dtype(spec["dtype"]).itemsize * int(
+                np.prod(spec["shape"])
+            )
+            specs[name] = {"row_bytes": row_bytes}
+        return specs.items()
+
+    def append(self, digests, outputs):
+        arrays = self.manifest["arrays"]
+        if not arrays:
+            self.manifest["arrays"] = arrays = {
+                name: {"dtype": values.dtype.str, "shape": list(values.shape[1:])}
+                for name, values in outputs.items()
+            }
+        for name, values in outputs.items():
+            if list(values.shape[1:]) != arrays[name]["shape"]:
+                raise ValueError(
+                    f"The teacher's outputs ({name}) have shape "
+                    f"{values.shape[1:]} per example in this batch but "
+                    f"{tuple(arrays[name]['shape'])} in earlier ones: every "
+                    "example must give outputs of one shape (pad sequences to "
+                    "one length)."
+                )
+        for name, values in [(DIGESTS, digests), *outputs.items()]:
+            with open(self.directory / f"{name}.bin", "ab") as file:
+                file.write(np.ascontiguousarray(values).tobytes())
+                file.flush()
+                os.fsync(file.fileno())
+        self.manifest["rows_written"] += len(digests)
+        _write_manifest(self.directory, self.manifest)
+
+    def finish(self, data_fingerprint):
+        rows = self.manifest["rows_written"]
+        digests = np.fromfile(self.directory / f"{DIGESTS}.bin", DIGEST_DTYPE)
+        order = np.argsort(digests, kind="stable")
+        digests[order].tofile(self.directory / f"{DIGEST_INDEX}.bin")
+        order.astype(np.int64).tofile(self.directory / f"{DIGEST_ROWS}.bin")
+        self.manifest.update(complete=True, data=data_fingerprint, index_rows=rows)
+        _write_manifest(self.directory, self.manifest)
+
+
 class TeacherOutputCache:
-    """Teacher outputs stored once on disk, one row per example.
+    """Teacher outputs stored once on disk, found by each example's content.
 
     Build one with `TeacherOutputCache.build`, reopen it with
     `TeacherOutputCache.open`, and train from it with `dataset`.
@@ -157,10 +467,12 @@ class TeacherOutputCache:
 
     >>> import tempfile
     >>> teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
-    >>> x = np.ones((10, 3), "float32")
+    >>> x = np.arange(30, dtype="float32").reshape(10, 3)
     >>> cache = TeacherOutputCache.build(teacher, x, tempfile.mkdtemp())
     >>> cache.num_examples, cache.arrays[TEACHER_LOGITS].shape
     (10, (10, 4))
+    >>> cache.rows(x[[7, 2]]).tolist()
+    [7, 2]
     """
 
     def __init__(self, directory):
@@ -171,20 +483,40 @@ class TeacherOutputCache:
                 f"No teacher-output cache in {self.directory} ({MANIFEST} is "
                 "missing). Create one with `TeacherOutputCache.build`."
             )
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"The cache in {self.directory} was written by an older "
+                "version of keras_distill; rebuild it with "
+                "`TeacherOutputCache.build(..., overwrite=True)`."
+            )
         if not manifest["complete"]:
             raise ValueError(
                 f"The cache in {self.directory} is incomplete "
-                f"({manifest['rows_written']} of {manifest['num_examples']} "
-                "rows): its build was interrupted. Call "
-                "`TeacherOutputCache.build` with the same teacher and inputs "
-                "to resume it."
+                f"({manifest['rows_written']} rows committed): its build was "
+                "interrupted. Call `TeacherOutputCache.build` with the same "
+                "teacher and inputs to resume it."
             )
         self.manifest = manifest
-        self.num_examples = manifest["num_examples"]
+        self.num_examples = manifest["index_rows"]
         self.arrays = {
-            name: np.load(self.directory / f"{name}.npy", mmap_mode="r")
-            for name in manifest["arrays"]
+            name: _memmap(
+                self.directory / f"{name}.bin",
+                spec["dtype"],
+                self.num_examples,
+                spec["shape"],
+            )
+            for name, spec in manifest["arrays"].items()
         }
+        self._digest_index = _memmap(
+            self.directory / f"{DIGEST_INDEX}.bin", DIGEST_DTYPE, self.num_examples, ()
+        )
+        self._digest_rows = _memmap(
+            self.directory / f"{DIGEST_ROWS}.bin", np.int64, self.num_examples, ()
+        )
+
+    def __reduce__(self):
+        # Worker processes (PyDataset multiprocessing) reopen the memory maps.
+        return (type(self), (str(self.directory),))
 
     @classmethod
     def build(
@@ -194,29 +526,39 @@ class TeacherOutputCache:
         directory,
         batch_size=256,
         top_k=None,
-        dtype="float16",
+        format="float16",
         preprocessing=None,
         overwrite=False,
     ):
         """Runs `teacher` once over `inputs` and stores its outputs.
 
-        An existing complete cache with the same fingerprint is returned as
-        is (the teacher is not run); an incomplete one is resumed.
+        Examples already in a cache with the same teacher, preprocessing and
+        format are not run again: a complete cache of the same data is
+        returned as is (after one pass that hashes the inputs), and an
+        interrupted build is resumed.
 
         Args:
             teacher: A Keras model returning logits.
-            inputs: NumPy inputs: an array or a dict/list of arrays, one row
-                per example, exactly as the student will receive them.
+            inputs: The inputs exactly as the student will receive them:
+                NumPy arrays (an array or a dict/list of arrays, one row per
+                example), a `tf.data.Dataset`, a `keras.utils.PyDataset` or an
+                iterable of batches (e.g. a generator); each batch is `x`,
+                `(x,)`, `(x, y)` or `(x, y, sample_weight)`, and only `x` is
+                used. A pipeline must give the same examples on every pass
+                (no random augmentation); its order does not matter.
             directory: Where to store the cache; created if needed.
-            batch_size: Examples per teacher call.
+            batch_size: Examples per teacher call for NumPy inputs (a
+                pipeline keeps its own batches).
             top_k: Store the `top_k` largest teacher log-probabilities and
                 their indices instead of dense logits.
-            dtype: `"float16"` (default) or `"float32"` for stored values.
-            preprocessing: Any JSON-serializable description of how `inputs`
-                were made (tokenizer, sequence length, ...); part of the
-                fingerprint.
-            overwrite: Replace a complete cache whose fingerprint differs
-                instead of raising.
+            format: `"float16"` (default) or `"float32"` stored values.
+            preprocessing: A JSON-serializable description of how `inputs`
+                were made (tokenizer, sequence length, ...) or the Keras
+                preprocessing layers applied; part of the fingerprint.
+                Layers that draw random numbers are refused.
+            overwrite: Replace a complete cache built with another teacher,
+                preprocessing or format, or extend one built from other
+                inputs, instead of raising.
 
         Returns:
             The `TeacherOutputCache`.
@@ -225,95 +567,104 @@ class TeacherOutputCache:
             raise TypeError(
                 f"`teacher` must be a Keras model, got {type(teacher).__name__}."
             )
-        _check_inputs(inputs)
-        if dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {DTYPES}, got {dtype!r}.")
+        if format not in FORMATS:
+            raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise ValueError(f"`top_k` must be a positive int, got {top_k!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
             batch_size < 1
         ):
             raise ValueError(
                 f"`batch_size` must be a positive int, got {batch_size!r}."
             )
+        if not _is_stream(inputs):
+            inputs = _check_arrays(inputs)
+        _check_deterministic(inputs)
         directory = Path(directory)
-        num_examples = _num_examples(inputs)
-        if num_examples == 0:
-            raise ValueError("`inputs` holds no examples.")
         fingerprint = {
             "teacher": teacher_fingerprint(teacher),
-            "data": _hash_arrays(_flat_inputs(inputs)),
-            "preprocessing": json.dumps(preprocessing, sort_keys=True),
-            "format": json.dumps(
-                {"version": FORMAT_VERSION, "top_k": top_k, "dtype": dtype}
-            ),
+            "preprocessing": preprocessing_fingerprint(preprocessing),
+            "format": json.dumps({"top_k": top_k, "format": format}),
         }
         manifest = _read_manifest(directory)
-        if manifest is not None and manifest["fingerprint"] == fingerprint:
-            if manifest["complete"]:
-                return cls(directory)
-            start = manifest["rows_written"]  # resume an interrupted build
-        elif manifest is not None and manifest["complete"] and not overwrite:
-            raise ValueError(
-                f"The cache in {directory} was built with different "
-                f"{_describe_mismatch(fingerprint, manifest['fingerprint'])}; "
-                "refusing to use or replace stale teacher outputs. Pass "
-                "`overwrite=True` to rebuild it, or use another directory."
-            )
-        else:
+        complete = manifest is not None and manifest.get("complete", False)
+        if manifest is not None and manifest["fingerprint"] != fingerprint:
+            if complete and not overwrite:
+                raise ValueError(
+                    f"The cache in {directory} was built with different "
+                    f"{_describe_mismatch(fingerprint, manifest['fingerprint'])}"
+                    "; refusing to use or replace stale teacher outputs. Pass "
+                    "`overwrite=True` to rebuild it, or use another directory."
+                )
+            # An incomplete cache of another teacher was never usable.
+            _remove_cache_files(directory)
             manifest = None
-            start = 0
-
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = None
-        if manifest is not None:
-            arrays = {
-                name: np.load(directory / f"{name}.npy", mmap_mode="r+")
-                for name in manifest["arrays"]
+        if manifest is None:
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "rows_written": 0,
+                "complete": False,
+                "data": None,
+                "arrays": {},
             }
-        for begin in range(start, num_examples, batch_size):
-            rows = slice(begin, min(begin + batch_size, num_examples))
+            complete = False
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = _Writer(directory, manifest)
+        stored = np.sort(
+            np.fromfile(directory / f"{DIGESTS}.bin", DIGEST_DTYPE)
+            if manifest["rows_written"]
+            else np.zeros(0, DIGEST_DTYPE)
+        )
+        seen = []
+        for batch in _input_batches(inputs, batch_size):
+            digests = example_digests(batch)
+            seen.append(digests)
+            new = ~_contains(stored, digests)
+            if not new.any():
+                continue
+            if complete and not overwrite:
+                raise ValueError(
+                    f"The cache in {directory} was built from different "
+                    "inputs (this example is not in it); refusing to mix "
+                    "them. Pass `overwrite=True` to add the new examples, or "
+                    "use another directory."
+                )
+            manifest["complete"] = complete = False
+            new_rows = np.flatnonzero(new)
             outputs = cls._teacher_outputs(
-                teacher, _slice_inputs(inputs, rows), top_k, dtype
+                teacher, _slice_inputs(batch, new_rows), top_k, format
             )
-            if arrays is None:
-                arrays = {
-                    name: np.lib.format.open_memmap(
-                        directory / f"{name}.npy",
-                        mode="w+",
-                        dtype=values.dtype,
-                        shape=(num_examples, *values.shape[1:]),
-                    )
-                    for name, values in outputs.items()
-                }
-                manifest = {
-                    "fingerprint": fingerprint,
-                    "num_examples": num_examples,
-                    "rows_written": 0,
-                    "complete": False,
-                    "arrays": sorted(arrays),
-                }
-            for name, values in outputs.items():
-                arrays[name][rows] = values
-                arrays[name].flush()
-            manifest["rows_written"] = rows.stop
-            _write_manifest(directory, manifest)
-        manifest["complete"] = True
-        _write_manifest(directory, manifest)
-        del arrays
+            writer.append(digests[new_rows], outputs)
+        seen = np.concatenate(seen) if seen else np.zeros(0, DIGEST_DTYPE)
+        if len(seen) == 0:
+            raise ValueError("`inputs` holds no examples.")
+        data = _data_fingerprint(seen)
+        if complete and data != manifest["data"] and not overwrite:
+            raise ValueError(
+                f"The cache in {directory} was built from different inputs "
+                "(it holds examples these inputs lack); refusing to use stale "
+                "teacher outputs. Pass `overwrite=True` to record these "
+                "inputs, or use another directory."
+            )
+        if not complete or data != manifest["data"]:
+            writer.finish(data)
         return cls(directory)
 
     @staticmethod
-    def _teacher_outputs(teacher, batch, top_k, dtype):
+    def _teacher_outputs(teacher, batch, top_k, format):
         # A compiled inference step, as `predict` runs it.
         logits = teacher.predict_on_batch(batch)
         if top_k is None:
-            return {TEACHER_LOGITS: np.asarray(logits).astype(dtype)}
+            return {TEACHER_LOGITS: np.asarray(logits).astype(format)}
         log_probs, indices = top_k_teacher_targets(logits, top_k)
         indices = keras.ops.convert_to_numpy(indices)
-        vocabulary_size = logits.shape[-1]
-        index_dtype = np.min_scalar_type(vocabulary_size - 1)
+        index_dtype = np.min_scalar_type(logits.shape[-1] - 1)
         return {
             TEACHER_TOP_LOG_PROBS: keras.ops.convert_to_numpy(log_probs).astype(
-                dtype
+                format
             ),
             TEACHER_TOP_INDICES: indices.astype(index_dtype),
         }
@@ -325,22 +676,24 @@ class TeacherOutputCache:
         Args:
             directory: The cache directory.
             teacher: If given, its weights must match the cache's.
-            inputs: If given, they must match the cached inputs.
+            inputs: If given (any kind `build` takes), they must be the
+                cached inputs.
             preprocessing: If `teacher` or `inputs` is given, the
-                preprocessing description must match too.
+                preprocessing must match too.
 
         Returns:
             The `TeacherOutputCache`.
         """
         cache = cls(directory)
-        stored = cache.manifest["fingerprint"]
+        stored = {"data": cache.manifest["data"], **cache.manifest["fingerprint"]}
         given = {}
         if teacher is not None:
             given["teacher"] = teacher_fingerprint(teacher)
         if inputs is not None:
-            given["data"] = _hash_arrays(_flat_inputs(inputs))
+            digests = [example_digests(b) for b in _input_batches(inputs, 4096)]
+            given["data"] = _data_fingerprint(np.concatenate(digests))
         if given:
-            given["preprocessing"] = json.dumps(preprocessing, sort_keys=True)
+            given["preprocessing"] = preprocessing_fingerprint(preprocessing)
         mismatch = _describe_mismatch(given, stored)
         if mismatch:
             raise ValueError(
@@ -350,11 +703,39 @@ class TeacherOutputCache:
             )
         return cache
 
-    def targets(self, rows):
-        """Teacher outputs of the examples `rows`, as the Distiller reads them.
+    def rows(self, inputs):
+        """The cache rows of the examples `inputs`, found by their content.
 
         Args:
-            rows: Integer indices or a slice of examples.
+            inputs: NumPy inputs, one row per example (an array or a
+                dict/list of arrays).
+
+        Returns:
+            An int64 array of rows, one per example.
+
+        Raises:
+            KeyError: If an example is not in the cache.
+        """
+        digests = example_digests(inputs)
+        positions = np.searchsorted(self._digest_index, digests)
+        positions = np.minimum(positions, self.num_examples - 1)
+        found = self._digest_index[positions] == digests
+        if not found.all():
+            missing = int(np.flatnonzero(~found)[0])
+            raise KeyError(
+                f"Example {missing} of this batch is not in the teacher-output "
+                f"cache in {self.directory}: the pipeline changes its inputs "
+                "between passes (random augmentation?) or differs from the "
+                "one the cache was built from. Build the cache from these "
+                "inputs, or distill online (a `Distiller` with a teacher)."
+            )
+        return np.asarray(self._digest_rows[positions])
+
+    def targets(self, rows):
+        """Teacher outputs of the cache rows `rows`, as the Distiller reads them.
+
+        Args:
+            rows: Integer row indices or a slice.
 
         Returns:
             A dict of float32 (values) and int32 (indices) arrays.
@@ -366,41 +747,159 @@ class TeacherOutputCache:
             targets[name] = values.astype(kind)
         return targets
 
+    def _target_specs(self):
+        """`{name: (dtype, per-example shape)}` of what `targets` returns."""
+        return {
+            name: (
+                "int32" if name == TEACHER_TOP_INDICES else "float32",
+                tuple(spec["shape"]),
+            )
+            for name, spec in self.manifest["arrays"].items()
+        }
+
+    def batch_targets(self, inputs, labels=None):
+        """The `y` of a training batch: labels and the examples' teacher outputs.
+
+        Args:
+            inputs: The batch's inputs (NumPy, one row per example).
+            labels: The batch's labels, or `None`.
+
+        Returns:
+            A dict `{"labels": labels, teacher outputs...}` for `Distiller`.
+        """
+        inputs = _to_numpy(inputs)
+        rows = self.rows(inputs)
+        targets = self.targets(rows)
+        if labels is not None:
+            targets[LABELS] = labels
+        return targets
+
     def dataset(
         self,
         inputs,
         labels=None,
         sample_weight=None,
-        batch_size=32,
-        shuffle=True,
+        batch_size=None,
+        shuffle=None,
         seed=None,
     ):
-        """Batches of `(inputs, {"labels", teacher outputs}[, sample_weight])`.
+        """Training data whose `y` carries the examples' teacher outputs.
+
+        For NumPy inputs, batches of `(inputs, {"labels", teacher
+        outputs}[, sample_weight])`, shuffled every epoch. For a pipeline
+        (`tf.data.Dataset`, `PyDataset`, iterable of batches), the same
+        pipeline with each batch's `y` replaced by that dict; it keeps its own
+        batching, order and shuffling.
 
         Args:
-            inputs: The NumPy inputs the cache was built from (same rows).
-            labels: Optional labels, one row per example.
-            sample_weight: Optional per-example weights.
-            batch_size: Examples per batch.
-            shuffle: Reshuffle the examples every epoch; each example keeps
-                its own teacher outputs.
-            seed: Seed of the shuffling.
+            inputs: NumPy inputs whose examples are in the cache (any order,
+                any subset), or a pipeline of such batches.
+            labels: NumPy inputs only: optional labels, one row per example.
+            sample_weight: NumPy inputs only: optional per-example weights.
+            batch_size: NumPy inputs only: examples per batch (default 32).
+            shuffle: NumPy inputs only: reshuffle the examples every epoch
+                (default `True`).
+            seed: NumPy inputs only: seed of the shuffling.
 
         Returns:
-            A `keras.utils.PyDataset` for `Distiller.fit` / `evaluate`.
+            A `keras.utils.PyDataset`, or for a pipeline one of its kind (a
+            `tf.data.Dataset`, a `PyDataset`, or a generator).
+
+        Raises:
+            KeyError: When a batch holds an example the cache lacks (NumPy
+                inputs: at once; pipelines: when that batch is read).
         """
-        if _num_examples(inputs) != self.num_examples:
-            raise ValueError(
-                f"`inputs` has {_num_examples(inputs)} examples but the cache "
-                f"holds {self.num_examples}: pass the inputs it was built from."
-            )
+        if _is_stream(inputs):
+            given = {
+                "labels": labels,
+                "sample_weight": sample_weight,
+                "batch_size": batch_size,
+                "shuffle": shuffle,
+                "seed": seed,
+            }
+            extra = [name for name, value in given.items() if value is not None]
+            if extra:
+                raise ValueError(
+                    f"{extra} apply to NumPy inputs only: a pipeline carries "
+                    "its own labels and sample weights and does its own "
+                    "batching and shuffling."
+                )
+            if isinstance(inputs, keras.utils.PyDataset):
+                return CachedTeacherPyDataset(self, inputs)
+            if isinstance(inputs, _tf_dataset_class() or ()):
+                return self._tf_dataset(inputs)
+            return self._generator(inputs)
+        inputs = _check_arrays(inputs)
         return CachedTeacherDataset(
-            self, inputs, labels, sample_weight, batch_size, shuffle, seed
+            self,
+            inputs,
+            labels,
+            sample_weight,
+            32 if batch_size is None else batch_size,
+            True if shuffle is None else shuffle,
+            seed,
         )
+
+    def _attach(self, batch):
+        inputs, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            batch
+        )
+        joined = (inputs, self.batch_targets(inputs, labels))
+        return joined if sample_weight is None else joined + (sample_weight,)
+
+    def _generator(self, batches):
+        for batch in batches:
+            yield self._attach(batch)
+
+    def _tf_dataset(self, dataset):
+        import tensorflow as tf
+
+        specs = self._target_specs()
+        names = sorted(specs)
+
+        def lookup(*leaves):
+            targets = self.batch_targets(
+                keras.tree.pack_sequence_as(structure, list(leaves))
+            )
+            return [targets[name] for name in names]
+
+        def attach(*element):
+            element = element[0] if len(element) == 1 else element
+            inputs, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(
+                element
+            )
+            values = tf.numpy_function(
+                lookup,
+                keras.tree.flatten(inputs),
+                [specs[name][0] for name in names],
+                stateful=False,
+            )
+            targets = {}
+            for name, value in zip(names, values):
+                value.set_shape((None, *specs[name][1]))
+                targets[name] = value
+            if labels is not None:
+                targets[LABELS] = labels
+            joined = (inputs, targets)
+            return joined if sample_weight is None else joined + (sample_weight,)
+
+        structure, _, _ = keras.utils.unpack_x_y_sample_weight(
+            dataset.element_spec
+        )
+        return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _contains(sorted_digests, digests):
+    """Whether each of `digests` is in the sorted array `sorted_digests`."""
+    if len(sorted_digests) == 0:
+        return np.zeros(len(digests), bool)
+    positions = np.searchsorted(sorted_digests, digests)
+    positions = np.minimum(positions, len(sorted_digests) - 1)
+    return sorted_digests[positions] == digests
 
 
 class CachedTeacherDataset(keras.utils.PyDataset):
-    """Training batches joined with their cached teacher outputs.
+    """NumPy training batches joined with their cached teacher outputs.
 
     Made by `TeacherOutputCache.dataset`; see there for the arguments.
     """
@@ -409,33 +908,89 @@ class CachedTeacherDataset(keras.utils.PyDataset):
         self, cache, inputs, labels, sample_weight, batch_size, shuffle, seed
     ):
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+            batch_size < 1
+        ):
+            raise ValueError(
+                f"`batch_size` must be a positive int, got {batch_size!r}."
+            )
+        num_examples = _num_examples(inputs)
+        for name, values in (("labels", labels), ("sample_weight", sample_weight)):
+            if values is not None and len(values) != num_examples:
+                raise ValueError(
+                    f"`{name}` has {len(values)} rows but `inputs` has "
+                    f"{num_examples} examples: give one per example."
+                )
         self.cache = cache
         self.inputs = inputs
-        self.labels = labels
-        self.sample_weight = sample_weight
+        self.labels = None if labels is None else np.asarray(labels)
+        self.sample_weight = (
+            None if sample_weight is None else np.asarray(sample_weight)
+        )
         self.batch_size = batch_size
         self.shuffle = shuffle
+        # Found once, by content: the inputs may be any order or subset.
+        self._cache_rows = np.concatenate(
+            [
+                cache.rows(_slice_inputs(inputs, slice(begin, begin + 4096)))
+                for begin in range(0, num_examples, 4096)
+            ]
+        )
         self._rng = np.random.default_rng(seed)
-        self._order = np.arange(cache.num_examples)
+        self._order = np.arange(num_examples)
         self.on_epoch_end()
 
     def __len__(self):
-        return -(-self.cache.num_examples // self.batch_size)
+        return -(-len(self._order) // self.batch_size)
 
     def on_epoch_end(self):
         if self.shuffle:
-            self._order = self._rng.permutation(self.cache.num_examples)
+            self._order = self._rng.permutation(len(self._cache_rows))
 
     def __getitem__(self, index):
-        # Sorted rows read the memory map sequentially; the batch's order
-        # inside itself does not matter to the loss.
-        rows = np.sort(
-            self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        )
-        targets = self.cache.targets(rows)
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        # Reading the memory map in row order is sequential; the order of the
+        # examples inside a batch does not matter to the loss.
+        rows = rows[np.argsort(self._cache_rows[rows])]
+        targets = self.cache.targets(self._cache_rows[rows])
         if self.labels is not None:
-            targets[LABELS] = np.asarray(self.labels)[rows]
+            targets[LABELS] = self.labels[rows]
         batch = (_slice_inputs(self.inputs, rows), targets)
         if self.sample_weight is not None:
-            batch += (np.asarray(self.sample_weight)[rows],)
+            batch += (self.sample_weight[rows],)
         return batch
+
+
+class CachedTeacherPyDataset(keras.utils.PyDataset):
+    """A `PyDataset`'s batches with their cached teacher outputs in `y`.
+
+    Made by `TeacherOutputCache.dataset`. It reads the same batches as the
+    wrapped dataset (and forwards `on_epoch_end`, so a dataset that reshuffles
+    itself keeps doing so) and looks each example's outputs up by content.
+
+    Args:
+        cache: The `TeacherOutputCache`.
+        py_dataset: The wrapped `keras.utils.PyDataset`.
+    """
+
+    def __init__(self, cache, py_dataset):
+        super().__init__(
+            workers=getattr(py_dataset, "_workers", 1),
+            use_multiprocessing=getattr(py_dataset, "_use_multiprocessing", False),
+            max_queue_size=getattr(py_dataset, "_max_queue_size", 10),
+        )
+        self.cache = cache
+        self.py_dataset = py_dataset
+
+    def __len__(self):
+        return len(self.py_dataset)
+
+    @property
+    def num_batches(self):
+        return self.py_dataset.num_batches
+
+    def on_epoch_end(self):
+        self.py_dataset.on_epoch_end()
+
+    def __getitem__(self, index):
+        return self.cache._attach(self.py_dataset[index])

@@ -1,4 +1,4 @@
-"""The teacher-output cache: same loss as online, fingerprints, resumption."""
+"""The teacher-output cache: same loss as online, any input pipeline, fingerprints, resumption."""
 
 import json
 
@@ -8,6 +8,7 @@ import pytest
 
 from keras_distill import Distiller
 from keras_distill.cache import TeacherOutputCache
+from keras_distill.cache import example_digests
 from tests.test_distiller import compiled_distiller
 from tests.test_distiller import make_data
 from tests.test_distiller import make_teacher
@@ -15,35 +16,81 @@ from tests.test_distiller import make_teacher
 
 @pytest.fixture
 def teacher_batches(monkeypatch):
-    """Counts the cache's teacher batches; can interrupt after some."""
+    """Counts the cache's teacher batches and examples; can interrupt after some."""
 
     class Counter:
         batches = 0
+        examples = 0
         fail_after = None
 
     original = TeacherOutputCache._teacher_outputs
 
-    def counted(*args):
+    def counted(teacher, batch, *args):
         Counter.batches += 1
         if Counter.fail_after is not None and Counter.batches > Counter.fail_after:
             raise KeyboardInterrupt("simulated interruption")
-        return original(*args)
+        Counter.examples += len(keras.tree.flatten(batch)[0])
+        return original(teacher, batch, *args)
 
     monkeypatch.setattr(TeacherOutputCache, "_teacher_outputs", staticmethod(counted))
     return Counter
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cached_loss_equals_online_loss_on_the_same_batch(tmp_path, dtype):
+class Batches(keras.utils.PyDataset):
+    """Batches of `(x, y)`, reshuffled every epoch, optionally augmented."""
+
+    def __init__(self, x, y, batch_size=16, augment=False, seed=0):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
+        self.rng = np.random.default_rng(seed)
+        self.order = np.arange(len(x))
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(len(self.x))
+
+    def __getitem__(self, index):
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        x = self.x[rows]
+        if self.augment:
+            x = x + self.rng.normal(scale=0.1, size=x.shape).astype("float32")
+        return x, self.y[rows]
+
+
+def teacher_logits_of(teacher, x):
+    return keras.ops.convert_to_numpy(teacher(x))
+
+
+def check_batches_match_teacher(batches, teacher, x, y, rtol=1e-6):
+    """Every batch carries its own examples' labels and teacher logits."""
+    seen = []
+    for inputs, targets in batches:
+        inputs = np.asarray(inputs)
+        rows = [int(np.flatnonzero((x == row).all(axis=1))[0]) for row in inputs]
+        np.testing.assert_array_equal(np.asarray(targets["labels"]), y[rows])
+        np.testing.assert_allclose(
+            np.asarray(targets["teacher_logits"]),
+            teacher_logits_of(teacher, inputs),
+            rtol=rtol,
+            atol=1e-6,
+        )
+        seen.extend(rows)
+    return seen
+
+
+@pytest.mark.parametrize("format", ["float32", "float16"])
+def test_cached_loss_equals_online_loss_on_the_same_batch(tmp_path, format):
     x, y = make_data()
     online = compiled_distiller()
     expected = online.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
-    cache = TeacherOutputCache.build(online.teacher, x, tmp_path, dtype=dtype)
+    cache = TeacherOutputCache.build(online.teacher, x, tmp_path, format=format)
     assert all(isinstance(a, np.memmap) for a in cache.arrays.values())
     offline = compiled_distiller(teacher=None, student=online.student)
     batches = cache.dataset(x, y, batch_size=16, shuffle=False)
     actual = offline.evaluate(batches, return_dict=True, verbose=0)
-    tolerance = 1e-6 if dtype == "float32" else 2e-3
+    tolerance = 1e-6 if format == "float32" else 2e-3
     for key, value in expected.items():
         assert actual[key] == pytest.approx(value, rel=tolerance), key
 
@@ -51,22 +98,161 @@ def test_cached_loss_equals_online_loss_on_the_same_batch(tmp_path, dtype):
 def test_shuffled_batches_keep_each_example_with_its_own_outputs(tmp_path):
     x, y = make_data()
     teacher = make_teacher()
-    cache = TeacherOutputCache.build(teacher, x, tmp_path, dtype="float32")
-    expected = keras.ops.convert_to_numpy(teacher(x))
+    cache = TeacherOutputCache.build(teacher, x, tmp_path, format="float32")
     batches = cache.dataset(x, y, batch_size=10, shuffle=True, seed=0)
     seen = []
-    for epoch in range(2):
-        for index in range(len(batches)):
-            inputs, targets = batches[index]
-            rows = [int(np.where((x == row).all(axis=1))[0][0]) for row in inputs]
-            np.testing.assert_array_equal(targets["labels"], y[rows])
-            np.testing.assert_allclose(
-                targets["teacher_logits"], expected[rows], rtol=1e-6
-            )
-            seen.extend(rows)
+    for _ in range(2):
+        seen += check_batches_match_teacher(
+            [batches[i] for i in range(len(batches))], teacher, x, y
+        )
         batches.on_epoch_end()
     assert sorted(seen[:64]) == list(range(64))
     assert seen[:64] != seen[64:]  # a new order each epoch
+
+
+def test_examples_are_found_by_content_in_any_order_or_subset(tmp_path):
+    x, y = make_data()
+    teacher = make_teacher()
+    cache = TeacherOutputCache.build(teacher, x, tmp_path, format="float32")
+    order = np.random.default_rng(3).permutation(64)[:20]
+    np.testing.assert_array_equal(cache.rows(x[order]), order)
+    batches = cache.dataset(x[order], y[order], batch_size=7, shuffle=False)
+    seen = check_batches_match_teacher(
+        [batches[i] for i in range(len(batches))], teacher, x, y
+    )
+    assert sorted(seen) == sorted(order.tolist())
+    with pytest.raises(KeyError, match="not in the teacher-output cache"):
+        cache.dataset(x + 1.0, y)
+
+
+def test_example_digests_see_bytes_dtype_shape_and_structure():
+    x = np.arange(12, dtype="float32").reshape(3, 4)
+    digests = example_digests(x)
+    assert len(set(digests.tolist())) == 3
+    np.testing.assert_array_equal(example_digests(x[[2, 0]]), digests[[2, 0]])
+    assert example_digests(x.astype("float64"))[0] != digests[0]
+    assert example_digests(x.reshape(3, 2, 2))[0] != digests[0]
+    assert example_digests({"a": x})[0] != example_digests({"b": x})[0]
+    pair = example_digests({"ids": x, "mask": x > 5})
+    assert pair[1] != example_digests({"ids": x, "mask": x > 4})[1]
+
+
+def test_pydataset_that_reshuffles_gives_online_loss_and_own_outputs(
+    tmp_path, teacher_batches
+):
+    x, y = make_data()
+    online = compiled_distiller()
+    cache = TeacherOutputCache.build(online.teacher, Batches(x, y), tmp_path)
+    assert teacher_batches.batches == 4  # one pass (the determinism probe reads only)
+    batches = cache.dataset(Batches(x, y, seed=1))
+    batches.on_epoch_end()  # a new order, not the one the cache was built in
+    check_batches_match_teacher(
+        [batches[i] for i in range(len(batches))], online.teacher, x, y, rtol=2e-3
+    )
+    expected = online.evaluate(Batches(x, y), return_dict=True, verbose=0)
+    offline = compiled_distiller(teacher=None, student=online.student)
+    actual = offline.evaluate(batches, return_dict=True, verbose=0)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=2e-3), key
+
+
+def test_tf_data_pipeline_shuffled_after_the_cache_gives_online_loss(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    x, y = make_data()
+    online = compiled_distiller()
+    pipeline = tf.data.Dataset.from_tensor_slices((x, y))
+    cache = TeacherOutputCache.build(
+        online.teacher, pipeline.batch(16), tmp_path, format="float32"
+    )
+    shuffled = cache.dataset(pipeline.shuffle(64, seed=0).batch(10))
+    seen = check_batches_match_teacher(
+        shuffled.as_numpy_iterator(), online.teacher, x, y
+    )
+    assert sorted(seen) == list(range(64)) and seen != list(range(64))
+    expected = online.evaluate(x, y, batch_size=16, return_dict=True, verbose=0)
+    offline = compiled_distiller(teacher=None, student=online.student)
+    actual = offline.evaluate(
+        cache.dataset(pipeline.batch(16)), return_dict=True, verbose=0
+    )
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-5), key
+    history = offline.fit(shuffled, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_generator_of_batches_builds_and_trains(tmp_path, teacher_batches):
+    x, y = make_data()
+    teacher = make_teacher()
+
+    def batches(order):
+        for begin in range(0, 64, 16):
+            rows = order[begin : begin + 16]
+            yield x[rows], y[rows], np.ones(len(rows), "float32")
+
+    cache = TeacherOutputCache.build(
+        teacher, batches(np.arange(64)), tmp_path, format="float32"
+    )
+    assert (teacher_batches.batches, cache.num_examples) == (4, 64)
+    reversed_batches = list(cache.dataset(batches(np.arange(64)[::-1])))
+    assert len(reversed_batches) == 4 and len(reversed_batches[0]) == 3
+    check_batches_match_teacher(
+        [batch[:2] for batch in reversed_batches], teacher, x, y
+    )
+    distiller = compiled_distiller(teacher=None)
+    history = distiller.fit(
+        cache.dataset(batches(np.arange(64))), epochs=1, verbose=0
+    )
+    assert np.isfinite(history.history["loss"]).all()
+
+
+def test_random_pipelines_are_refused(tmp_path):
+    x, y = make_data()
+    teacher = make_teacher()
+    with pytest.raises(ValueError, match="two reads of its first batch differ"):
+        TeacherOutputCache.build(teacher, Batches(x, y, augment=True), tmp_path)
+    with pytest.raises(ValueError, match="random layers"):
+        TeacherOutputCache.build(
+            teacher, x, tmp_path, preprocessing=[keras.layers.GaussianNoise(0.1)]
+        )
+    with pytest.raises(ValueError, match="random layers"):
+        TeacherOutputCache.build(
+            teacher,
+            x,
+            tmp_path,
+            preprocessing=keras.Sequential([keras.layers.RandomFlip()]),
+        )
+    # A generator cannot be read twice: augmentation shows when training.
+    cache = TeacherOutputCache.build(teacher, x, tmp_path)
+    augmented = cache.dataset(Batches(x, y, augment=True))
+    with pytest.raises(KeyError, match="random augmentation"):
+        augmented[0]
+
+
+def test_random_tf_data_pipelines_are_refused(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    x, _ = make_data()
+    generator = tf.random.Generator.from_seed(0)  # advances across passes
+    noisy = (
+        tf.data.Dataset.from_tensor_slices(x)
+        .map(lambda image: image + generator.normal(tf.shape(image)))
+        .batch(16)
+    )
+    reshuffled = tf.data.Dataset.from_tensor_slices(x).shuffle(64).batch(16)
+    for pipeline in (noisy, reshuffled):
+        with pytest.raises(ValueError, match="two reads of its first batch differ"):
+            TeacherOutputCache.build(make_teacher(), pipeline, tmp_path)
+
+
+def test_deterministic_preprocessing_layers_are_fingerprinted(tmp_path):
+    x, _ = make_data()
+    teacher = make_teacher()
+    scale = keras.layers.Rescaling(2.0)
+    TeacherOutputCache.build(teacher, x, tmp_path, preprocessing=[scale])
+    TeacherOutputCache.open(tmp_path, teacher, x, preprocessing=[scale])
+    with pytest.raises(ValueError, match="different preprocessing"):
+        TeacherOutputCache.build(
+            teacher, x, tmp_path, preprocessing=[keras.layers.Rescaling(3.0)]
+        )
 
 
 def test_distiller_trains_from_the_cache_without_the_teacher(
@@ -100,42 +286,78 @@ def test_complete_cache_is_reused_and_stale_cache_refused(
     assert teacher_batches.batches == 1
     same_weights = keras.models.clone_model(teacher)
     same_weights.set_weights(teacher.get_weights())
-    TeacherOutputCache.build(same_weights, x, tmp_path)
-    assert teacher_batches.batches == 1  # same fingerprint: nothing recomputed
+    TeacherOutputCache.build(same_weights, x[::-1], tmp_path, batch_size=8)
+    assert teacher_batches.batches == 1  # same examples: nothing recomputed
     other_teacher = make_teacher(seed=7)
     with pytest.raises(ValueError, match="different teacher weights"):
         TeacherOutputCache.build(other_teacher, x, tmp_path)
     with pytest.raises(ValueError, match="different inputs"):
         TeacherOutputCache.build(teacher, x + 1.0, tmp_path)
+    with pytest.raises(ValueError, match="different inputs"):
+        TeacherOutputCache.build(teacher, x[:10], tmp_path)  # a subset
     with pytest.raises(ValueError, match="different preprocessing"):
         TeacherOutputCache.build(teacher, x, tmp_path, preprocessing={"scale": 2})
-    with pytest.raises(ValueError, match="stale"):
+    with pytest.raises(ValueError, match="storage format"):
+        TeacherOutputCache.build(teacher, x, tmp_path, format="float32")
+    with pytest.raises(ValueError, match="stale.*teacher weights"):
         TeacherOutputCache.open(tmp_path, teacher=other_teacher)
+    with pytest.raises(ValueError, match="stale.*inputs"):
+        TeacherOutputCache.open(tmp_path, inputs=x[:10])
     TeacherOutputCache.open(tmp_path, teacher=teacher, inputs=x)
+    assert teacher_batches.batches == 1
     rebuilt = TeacherOutputCache.build(other_teacher, x, tmp_path, overwrite=True)
     np.testing.assert_allclose(
         rebuilt.targets(slice(0, 4))["teacher_logits"],
-        keras.ops.convert_to_numpy(other_teacher(x[:4])),
+        teacher_logits_of(other_teacher, x[:4]),
         rtol=2e-3,
     )
 
 
-def test_interrupted_build_is_detected_and_resumed(tmp_path, teacher_batches):
+def test_overwrite_with_new_inputs_runs_the_teacher_on_new_examples_only(
+    tmp_path, teacher_batches
+):
     x, _ = make_data()
     teacher = make_teacher()
+    TeacherOutputCache.build(teacher, x[:40], tmp_path, format="float32")
+    cache = TeacherOutputCache.build(
+        teacher, x, tmp_path, format="float32", overwrite=True
+    )
+    assert teacher_batches.examples == 40 + 24
+    np.testing.assert_allclose(
+        cache.targets(cache.rows(x))["teacher_logits"],
+        teacher_logits_of(teacher, x),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    TeacherOutputCache.open(tmp_path, inputs=x)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_interrupted_build_is_detected_and_resumed(
+    tmp_path, teacher_batches, stream
+):
+    x, y = make_data()
+    teacher = make_teacher()
+    inputs = (lambda: Batches(x, y)) if stream else (lambda: x)
     teacher_batches.fail_after = 2
     with pytest.raises(KeyboardInterrupt):
-        TeacherOutputCache.build(teacher, x, tmp_path, batch_size=16)
+        TeacherOutputCache.build(teacher, inputs(), tmp_path, batch_size=16)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert (manifest["complete"], manifest["rows_written"]) == (False, 32)
+    # Bytes written after the last commit (a crash mid-batch) are dropped.
+    with open(tmp_path / "teacher_logits.bin", "ab") as file:
+        file.write(b"\x00" * 100)
     with pytest.raises(ValueError, match="incomplete"):
         TeacherOutputCache(tmp_path)
+    with pytest.raises(ValueError, match="incomplete"):
+        TeacherOutputCache.open(tmp_path)
     teacher_batches.fail_after = None
-    cache = TeacherOutputCache.build(teacher, x, tmp_path, batch_size=16)
+    cache = TeacherOutputCache.build(teacher, inputs(), tmp_path, batch_size=16)
     assert teacher_batches.batches == 3 + 2  # the 2 missing batches only
+    assert teacher_batches.examples == 64
     np.testing.assert_allclose(
-        cache.targets(slice(None))["teacher_logits"],
-        keras.ops.convert_to_numpy(teacher(x)),
+        cache.targets(cache.rows(x))["teacher_logits"],
+        teacher_logits_of(teacher, x),
         rtol=2e-3,
         atol=1e-3,
     )
@@ -144,10 +366,14 @@ def test_interrupted_build_is_detected_and_resumed(tmp_path, teacher_batches):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"dtype": "int8"}, ValueError, "`dtype`"),
+        ({"format": "int8"}, ValueError, "`format`"),
         ({"batch_size": 0}, ValueError, "`batch_size`"),
+        ({"top_k": 0}, ValueError, "`top_k`"),
         ({"teacher": lambda x: x}, TypeError, "`teacher`"),
         ({"inputs": "not arrays"}, TypeError, "`inputs`"),
+        ({"inputs": np.array(["a", "b"])}, TypeError, "numeric"),
+        ({"inputs": np.zeros((0, 8), "float32")}, ValueError, "no examples"),
+        ({"preprocessing": object()}, TypeError, "`preprocessing`"),
     ],
 )
 def test_bad_build_arguments_are_named(tmp_path, kwargs, error, match):
@@ -158,25 +384,30 @@ def test_bad_build_arguments_are_named(tmp_path, kwargs, error, match):
         TeacherOutputCache.build(**arguments)
 
 
-def test_missing_cache_and_mismatched_inputs_are_clear(tmp_path):
+def test_bad_dataset_arguments_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="TeacherOutputCache.build"):
         TeacherOutputCache.open(tmp_path)
     x, y = make_data()
     cache = TeacherOutputCache.build(make_teacher(), x, tmp_path)
-    with pytest.raises(ValueError, match="holds 64"):
-        cache.dataset(x[:10], y[:10])
+    with pytest.raises(ValueError, match="`labels` has 10 rows"):
+        cache.dataset(x, y[:10])
+    with pytest.raises(ValueError, match="apply to NumPy inputs only"):
+        cache.dataset(Batches(x, y), batch_size=8)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        cache.dataset(x, y, batch_size=0)
 
 
-def test_pydataset_inputs_are_refused(tmp_path):
-    class Batches(keras.utils.PyDataset):
-        def __len__(self):
-            return 1
+def test_infinite_pydataset_is_refused(tmp_path):
+    class Endless(keras.utils.PyDataset):
+        @property
+        def num_batches(self):
+            return None
 
         def __getitem__(self, index):
-            return np.zeros((2, 3))
+            return np.zeros((2, 8), "float32")
 
-    with pytest.raises(TypeError, match="PyDataset"):
-        TeacherOutputCache.build(make_teacher(), Batches(), tmp_path)
+    with pytest.raises(ValueError, match="infinite"):
+        TeacherOutputCache.build(make_teacher(), Endless(), tmp_path)
 
 
 def test_distiller_with_cache_round_trips_without_teacher(tmp_path):
