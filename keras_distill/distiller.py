@@ -5,7 +5,9 @@ import math
 import keras
 from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
+from keras.src.utils import tracking
 
+from keras_distill import callbacks
 from keras_distill import losses as losses_module
 from keras_distill import sparse
 
@@ -63,6 +65,24 @@ def split_targets(y):
         )
     teacher_outputs = {k: y[k] for k in _TEACHER_OUTPUT_KEYS if k in y}
     return y.get(LABELS), teacher_outputs
+
+
+def _split_teacher_metrics(metrics):
+    """Splits compiled metrics into student metrics and teacher–student ones.
+
+    `TeacherStudentMetric`s (e.g. `TeacherAgreement`, `TeacherKL`) compare
+    the teacher's logits with the student's, so `compute_loss` updates them;
+    the others compare the labels with the student as in any Keras model.
+    """
+    if not isinstance(metrics, (list, tuple)):
+        return metrics, []
+    teacher_metrics = [
+        m for m in metrics if isinstance(m, callbacks.TeacherStudentMetric)
+    ]
+    student_metrics = [
+        m for m in metrics if not isinstance(m, callbacks.TeacherStudentMetric)
+    ]
+    return student_metrics or None, teacher_metrics
 
 
 def _check_model(name, model):
@@ -251,16 +271,7 @@ class Distiller(keras.Model):
                 "`student` and `teacher` are the same object; distill into a "
                 "separate model (e.g. `keras.models.clone_model(teacher)`)."
             )
-        teacher_classes = None if teacher is None else _class_count(teacher)
-        student_classes = _class_count(student)
-        if None not in (teacher_classes, student_classes) and (
-            teacher_classes != student_classes
-        ):
-            raise ValueError(
-                f"Teacher outputs {teacher_classes} classes, student "
-                f"{student_classes}: `teacher` and `student` must have the "
-                "same output shape."
-            )
+        self._check_output_sizes(student, teacher)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -273,6 +284,26 @@ class Distiller(keras.Model):
         self.temperature = None
         # Callbacks such as BackupAndRestore need a built model before `fit`.
         self.built = student.built and (teacher is None or teacher.built)
+
+    def _check_output_sizes(self, student, teacher):
+        teacher_classes = None if teacher is None else _class_count(teacher)
+        student_classes = _class_count(student)
+        if None not in (teacher_classes, student_classes) and (
+            teacher_classes != student_classes
+        ):
+            raise ValueError(
+                f"Teacher outputs {teacher_classes} classes, student "
+                f"{student_classes}: `teacher` and `student` must have the "
+                "same output shape."
+            )
+
+    def _teacher_logits(self, x):
+        """The teacher's logits for `x`, as the divergence compares them."""
+        return self.teacher(x, training=False)
+
+    def _shared_logits(self, student_logits):
+        """The student's logits over the classes the teacher also scores."""
+        return student_logits
 
     def build(self, input_shape):
         # Subclassed models create their weights on a first (symbolic) call.
@@ -342,13 +373,26 @@ class Distiller(keras.Model):
         )
         self.alpha = float(alpha)
         self.temperature = float(temperature)
-        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+        student_metrics, teacher_metrics = _split_teacher_metrics(metrics)
+        super().compile(optimizer=optimizer, metrics=student_metrics, **kwargs)
+        self._set_teacher_metrics(teacher_metrics)
         self._compile_config.config.update(
+            metrics=metrics,
             student_loss_fn=student_loss_fn,
             distillation_loss_fn=distillation_loss_fn,
             alpha=alpha,
             temperature=temperature,
         )
+
+    @tracking.no_automatic_dependency_tracking
+    def _set_teacher_metrics(self, teacher_metrics):
+        # Untracked (as Keras's own compiled metrics are), so that compiling
+        # again replaces them instead of adding to them.
+        self._teacher_metrics = teacher_metrics
+
+    @property
+    def metrics(self):
+        return [*super().metrics, *getattr(self, "_teacher_metrics", [])]
 
     def compile_from_config(self, config):
         config = keras.saving.deserialize_keras_object(config)
@@ -444,7 +488,8 @@ class Distiller(keras.Model):
         student_logits = ops.cast(y_pred, "float32")
         if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
             distillation_loss, teacher_finite = self._sparse_distillation_loss(
-                teacher_outputs, student_logits, sample_weight
+                teacher_outputs, self._shared_logits(student_logits),
+                sample_weight,
             )
         else:
             if teacher_outputs is not None:
@@ -457,9 +502,10 @@ class Distiller(keras.Model):
                     f"'{TEACHER_TOP_INDICES}') and 'labels'."
                 )
             else:
-                teacher_logits = self.teacher(x, training=False)
+                teacher_logits = self._teacher_logits(x)
             distillation_loss, teacher_finite = self._dense_distillation_loss(
-                teacher_logits, student_logits, sample_weight
+                teacher_logits, self._shared_logits(student_logits),
+                sample_weight,
             )
         if labels is None and self.alpha > 0:
             raise ValueError(
@@ -486,6 +532,22 @@ class Distiller(keras.Model):
         self.distillation_loss_tracker.update_state(
             distillation_loss, batch_size
         )
+        if self._teacher_metrics:
+            if teacher_outputs is not None and (
+                TEACHER_TOP_INDICES in teacher_outputs
+            ):
+                raise ValueError(
+                    f"{[m.name for m in self._teacher_metrics]} compare the "
+                    "teacher's full logits with the student's, but this batch "
+                    "carries top-k teacher targets: compile without them, or "
+                    "cache dense teacher logits."
+                )
+            for metric in self._teacher_metrics:
+                metric.update_state(
+                    teacher_logits,
+                    self._shared_logits(student_logits),
+                    sample_weight,
+                )
         return scale_loss_for_distribution(loss)
 
     def _check_compiled(self, method):

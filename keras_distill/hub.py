@@ -1,0 +1,467 @@
+"""Token-level distillation between KerasHub causal language models.
+
+`CausalLMDistiller` distills one `keras_hub.models.CausalLM` (Gemma 3, Gemma,
+Llama, GPT-2, ...) into another. Teacher and student read the same
+`token_ids` and `padding_mask`; the hard loss is next-token crossentropy, the
+soft loss a per-token divergence at temperature `T`, and both are averaged
+over real tokens only. Which tokens are real comes from the padding mask (or
+`sample_weight`), never from a token id, so a tokenizer whose padding id is
+also its end-of-sequence id still trains on the real end-of-sequence token.
+"""
+
+import hashlib
+import logging
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_distill.distiller import Distiller
+
+logger = logging.getLogger(__name__)
+
+
+def _keras_hub():
+    try:
+        import keras_hub
+    except ImportError as error:
+        raise ImportError(
+            "Distilling KerasHub models needs keras-hub: "
+            "`pip install 'keras-distill[hub]'`."
+        ) from error
+    return keras_hub
+
+
+def vocabulary_fingerprint(tokenizer):
+    """A hash of a tokenizer's vocabulary: equal hashes mean equal token ids.
+
+    Args:
+        tokenizer: A `keras_hub.tokenizers.Tokenizer`.
+
+    Returns:
+        A hex SHA-256 digest of the vocabulary in id order.
+
+    Example:
+
+    >>> import keras_hub
+    >>> tokenizer = keras_hub.tokenizers.ByteTokenizer()
+    >>> len(vocabulary_fingerprint(tokenizer))
+    64
+    """
+    digest = hashlib.sha256()
+    for token in tokenizer.get_vocabulary():
+        digest.update(str(token).encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _tokenizer(causal_lm):
+    preprocessor = getattr(causal_lm, "preprocessor", None)
+    return getattr(preprocessor, "tokenizer", None)
+
+
+def _vocabulary_size(causal_lm):
+    return causal_lm.backbone.vocabulary_size
+
+
+def _check_causal_lm(name, model):
+    keras_hub = _keras_hub()
+    if not isinstance(model, keras_hub.models.CausalLM):
+        raise TypeError(
+            f"`{name}` must be a `keras_hub.models.CausalLM` (e.g. "
+            f"`keras_hub.models.Gemma3CausalLM.from_preset(...)`), got "
+            f"{type(model).__name__}. Plain Keras models distill with "
+            "`keras_distill.Distiller`."
+        )
+
+
+def _check_vocabulary_mapping(mapping, student_size, teacher_size):
+    mapping = np.asarray(mapping)
+    if mapping.ndim != 1 or not np.issubdtype(mapping.dtype, np.integer):
+        raise ValueError(
+            "`vocabulary_mapping` must be a 1-D integer array: entry i is the "
+            f"teacher's token id for the student's token i. Got shape "
+            f"{mapping.shape} and dtype {mapping.dtype}."
+        )
+    if len(mapping) != student_size:
+        raise ValueError(
+            f"`vocabulary_mapping` has {len(mapping)} entries but the "
+            f"student's vocabulary has {student_size} tokens; give one "
+            "teacher id per student token."
+        )
+    if mapping.min() < 0 or mapping.max() >= teacher_size:
+        raise ValueError(
+            "`vocabulary_mapping` holds ids outside the teacher's vocabulary "
+            f"[0, {teacher_size}): min {mapping.min()}, max {mapping.max()}."
+        )
+    return mapping.astype("int32")
+
+
+def shared_vocabulary(student, teacher, vocabulary_mapping=None):
+    """Checks that teacher and student score the same tokens.
+
+    Identical tokenizers whose embedding tables are padded to different sizes
+    share the tokenizer's vocabulary: logits are sliced to it. Different
+    tokenizers are refused unless `vocabulary_mapping` says which teacher
+    token each student token is.
+
+    Args:
+        student: The student `keras_hub.models.CausalLM`.
+        teacher: The teacher `keras_hub.models.CausalLM`.
+        vocabulary_mapping: Optional 1-D integer array, the teacher's token id
+            for each of the student's token ids.
+
+    Returns:
+        `(vocabulary_size, vocabulary_mapping)`: the number of leading token
+        ids both models' logits are compared over, and the checked mapping
+        (or `None`).
+
+    Raises:
+        ValueError: if the vocabularies differ and no mapping is given.
+    """
+    student_size = _vocabulary_size(student)
+    teacher_size = _vocabulary_size(teacher)
+    if vocabulary_mapping is not None:
+        mapping = _check_vocabulary_mapping(
+            vocabulary_mapping, student_size, teacher_size
+        )
+        return student_size, mapping
+    student_tokenizer, teacher_tokenizer = _tokenizer(student), _tokenizer(teacher)
+    tokenizers_known = None not in (student_tokenizer, teacher_tokenizer)
+    if tokenizers_known and vocabulary_fingerprint(
+        student_tokenizer
+    ) != vocabulary_fingerprint(teacher_tokenizer):
+        raise ValueError(
+            "Teacher and student tokenizers differ (teacher vocabulary "
+            f"{teacher_tokenizer.vocabulary_size()} tokens, student "
+            f"{student_tokenizer.vocabulary_size()}, different token lists): "
+            "the same id means different text, so their distributions cannot "
+            "be compared token by token. Use a student with the teacher's "
+            "tokenizer, or pass `vocabulary_mapping` (the teacher id of each "
+            "student token)."
+        )
+    if student_size == teacher_size:
+        return student_size, None
+    if not tokenizers_known:
+        raise ValueError(
+            f"Teacher vocabulary has {teacher_size} tokens, student "
+            f"{student_size}. If both use the same tokenizer with padded "
+            "embedding tables, attach their preprocessors (as `from_preset` "
+            "does) so the tokenizers can be checked; otherwise pass "
+            "`vocabulary_mapping`."
+        )
+    size = student_tokenizer.vocabulary_size()
+    if size > min(student_size, teacher_size):
+        raise ValueError(
+            f"The tokenizer has {size} tokens but the teacher's embedding "
+            f"table {teacher_size} and the student's {student_size} rows."
+        )
+    logger.info(
+        "Teacher (%d) and student (%d) embedding tables are padded "
+        "differently around the same %d-token tokenizer; distilling over "
+        "the %d shared tokens.",
+        teacher_size,
+        student_size,
+        size,
+        size,
+    )
+    return size, None
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class CausalLMDistiller(Distiller):
+    """Token-level distillation from one KerasHub causal LM into another.
+
+    Both models read the same `{"token_ids", "padding_mask"}` batch. The loss
+    at each position is `alpha` times the next-token crossentropy plus
+    `1 - alpha` times the `T²`-scaled divergence between the teacher's and
+    the student's next-token distributions, averaged over real tokens: those
+    where `sample_weight` is nonzero, or, without `sample_weight`, those the
+    input `padding_mask` marks. KerasHub's causal-LM preprocessors return
+    `(x, labels, sample_weight)` with exactly these weights, and
+    `preprocess` (or `fit` on raw strings) applies the student's.
+
+    Logits are compared as the models really output them, after any
+    final-logit soft-cap (Gemma 2) the model applies. Teacher and student must
+    score the same tokens (see `shared_vocabulary`).
+
+    Args:
+        student: The `keras_hub.models.CausalLM` to train.
+        teacher: The trained teacher `keras_hub.models.CausalLM`, or `None`
+            when each batch carries the teacher's outputs (a cache).
+        vocabulary_mapping: Optional 1-D integer array: the teacher's token
+            id for each student token, for tokenizers that differ.
+        **kwargs: `keras.Model` arguments such as `name`.
+
+    Example:
+
+    >>> import keras_hub
+    >>> def tiny_gemma(hidden_dim):
+    ...     backbone = keras_hub.models.Gemma3Backbone(
+    ...         vocabulary_size=50, image_size=None, num_layers=1,
+    ...         num_query_heads=1, num_key_value_heads=1,
+    ...         hidden_dim=hidden_dim, intermediate_dim=2 * hidden_dim,
+    ...         head_dim=hidden_dim)
+    ...     return keras_hub.models.Gemma3CausalLM(
+    ...         backbone=backbone, preprocessor=None)
+    >>> distiller = CausalLMDistiller(
+    ...     student=tiny_gemma(8), teacher=tiny_gemma(16))
+    >>> distiller.compile(optimizer="adam", alpha=0.5, temperature=2.0,
+    ...     student_loss_fn="sparse_categorical_crossentropy")
+    >>> x = {"token_ids": np.ones((2, 6), "int32"),
+    ...      "padding_mask": np.ones((2, 6), "bool")}
+    >>> history = distiller.fit(x, np.ones((2, 6), "int32"), verbose=0)
+    """
+
+    def __init__(self, student, teacher, vocabulary_mapping=None, **kwargs):
+        _check_causal_lm("student", student)
+        if teacher is not None:
+            _check_causal_lm("teacher", teacher)
+            self._vocabulary_size, self._vocabulary_mapping = shared_vocabulary(
+                student, teacher, vocabulary_mapping
+            )
+        elif vocabulary_mapping is not None:
+            raise ValueError(
+                "`vocabulary_mapping` maps teacher logits, but `teacher` is "
+                "None; cache the teacher's outputs over the student's "
+                "vocabulary instead."
+            )
+        else:
+            self._vocabulary_size = _vocabulary_size(student)
+            self._vocabulary_mapping = None
+        super().__init__(student=student, teacher=teacher, **kwargs)
+
+    @classmethod
+    def from_preset(
+        cls,
+        teacher,
+        student,
+        sequence_length=None,
+        teacher_dtype=None,
+        student_dtype=None,
+        **kwargs,
+    ):
+        """Builds teacher and student from KerasHub presets.
+
+        The teacher and the student each load with their own preprocessor,
+        whose tokenizers are compared; the student's preprocessor is the
+        shared one (`distiller.preprocessor`).
+
+        Args:
+            teacher: Preset name (e.g. `"gemma3_instruct_27b"`) or local
+                preset directory of the teacher.
+            student: Preset name (e.g. `"gemma3_instruct_1b"`) or local
+                preset directory of the student.
+            sequence_length: Optional sequence length of the shared
+                preprocessor.
+            teacher_dtype: Optional dtype (policy) of the teacher's weights,
+                e.g. `"bfloat16"` to halve a large teacher's memory.
+            student_dtype: Optional dtype (policy) of the student.
+            **kwargs: Other `CausalLMDistiller` arguments.
+
+        Returns:
+            A `CausalLMDistiller`.
+
+        Example:
+
+        ```python
+        distiller = CausalLMDistiller.from_preset(
+            "gemma3_instruct_27b", "gemma3_instruct_1b", sequence_length=512,
+            teacher_dtype="bfloat16")
+        ```
+        """
+        keras_hub = _keras_hub()
+
+        def load(preset, dtype):
+            options = {} if dtype is None else {"dtype": dtype}
+            return keras_hub.models.CausalLM.from_preset(preset, **options)
+
+        teacher_model = load(teacher, teacher_dtype)
+        student_model = load(student, student_dtype)
+        if sequence_length is not None and student_model.preprocessor is not None:
+            student_model.preprocessor.sequence_length = sequence_length
+        return cls(student=student_model, teacher=teacher_model, **kwargs)
+
+    @property
+    def preprocessor(self):
+        """The student's preprocessor, shared by teacher and student."""
+        return getattr(self.student, "preprocessor", None)
+
+    def preprocess(self, texts, sequence_length=None):
+        """Tokenizes text into `(x, labels, sample_weight)` NumPy arrays.
+
+        Args:
+            texts: A list of strings, or a dict with `"prompts"` and
+                `"responses"` lists (only response tokens are then trained).
+            sequence_length: Optional length overriding the preprocessor's.
+
+        Returns:
+            `(x, labels, sample_weight)` as the student's preprocessor returns
+            them, converted to NumPy.
+        """
+        if self.preprocessor is None:
+            raise ValueError(
+                "The student has no preprocessor to tokenize text with; "
+                "build it with one (e.g. `from_preset`) or pass token ids."
+            )
+        if not isinstance(texts, dict):
+            texts = _as_prompts_and_responses(self.preprocessor, texts)
+        outputs = self.preprocessor(texts, sequence_length=sequence_length)
+        return keras.tree.map_structure(ops.convert_to_numpy, outputs)
+
+    def _check_output_sizes(self, student, teacher):
+        # Vocabularies were checked by `shared_vocabulary`.
+        pass
+
+    def _teacher_logits(self, x):
+        logits = super()._teacher_logits(x)
+        if self._vocabulary_mapping is not None:
+            return ops.take(logits, self._vocabulary_mapping, axis=-1)
+        return logits[..., : self._vocabulary_size]
+
+    def _shared_logits(self, student_logits):
+        return student_logits[..., : self._vocabulary_size]
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
+            sample_weight = x["padding_mask"]
+        return super().compute_loss(
+            x, y, y_pred, sample_weight=sample_weight, training=training
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        mapping = self._vocabulary_mapping
+        config["vocabulary_mapping"] = (
+            None if mapping is None else mapping.tolist()
+        )
+        return config
+
+
+def _as_prompts_and_responses(preprocessor, texts):
+    """Plain text for a preprocessor that may want prompts and responses."""
+    texts = [str(text) for text in texts]
+    keras_hub = _keras_hub()
+    if isinstance(preprocessor, keras_hub.models.Gemma3CausalLMPreprocessor):
+        return {"prompts": [""] * len(texts), "responses": texts}
+    return texts
+
+
+def language_model_windows(tokenizer, text, sequence_length, add_bos=True):
+    """Cuts one long text into next-token training windows.
+
+    The text is tokenized once and split into consecutive, non-overlapping
+    windows of `sequence_length + 1` tokens; each gives the inputs (its first
+    `sequence_length` tokens) and the labels (the same shifted by one). All
+    tokens are real, so `padding_mask` and `sample_weight` are all ones. The
+    leftover tokens at the end are dropped.
+
+    Args:
+        tokenizer: A `keras_hub.tokenizers.Tokenizer`.
+        text: The text, one string.
+        sequence_length: Tokens per window.
+        add_bos: Whether each window starts with the tokenizer's start
+            token (`start_token_id`), as KerasHub preprocessors do.
+
+    Returns:
+        `(x, labels, sample_weight)`: `x` a dict of `"token_ids"` (int32) and
+        `"padding_mask"` (bool) of shape `(windows, sequence_length)`.
+
+    Example:
+
+    >>> import keras_hub
+    >>> tokenizer = keras_hub.tokenizers.ByteTokenizer()
+    >>> x, labels, weight = language_model_windows(
+    ...     tokenizer, "To be, or not to be", sequence_length=4, add_bos=False)
+    >>> x["token_ids"].shape, labels[0].tolist()
+    ((3, 4), [111, 32, 98, 101])
+    """
+    if not isinstance(sequence_length, int) or sequence_length < 1:
+        raise ValueError(
+            f"`sequence_length` must be a positive integer, got "
+            f"{sequence_length!r}."
+        )
+    token_ids = np.asarray(ops.convert_to_numpy(tokenizer(text)), "int32")
+    window = sequence_length + 1
+    start_token_id = getattr(tokenizer, "start_token_id", None)
+    if add_bos and start_token_id is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no start token; pass "
+            "add_bos=False."
+        )
+    body = window - 1 if add_bos else window
+    count = len(token_ids) // body
+    if count == 0:
+        raise ValueError(
+            f"The text has {len(token_ids)} tokens, fewer than one window of "
+            f"{body}; pass a longer text or a smaller `sequence_length`."
+        )
+    windows = token_ids[: count * body].reshape(count, body)
+    if add_bos:
+        windows = np.concatenate(
+            [np.full((count, 1), start_token_id, "int32"), windows], axis=1
+        )
+    x = {
+        "token_ids": windows[:, :-1],
+        "padding_mask": np.ones((count, sequence_length), "bool"),
+    }
+    return x, windows[:, 1:], np.ones((count, sequence_length), "float32")
+
+
+# Gemma 3's SentencePiece model keeps its special pieces at these ids.
+_GEMMA3_SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
+_GEMMA3_USER_SYMBOLS = [
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<img>",
+]
+
+
+def train_gemma3_tokenizer(lines, vocabulary_size):
+    """Trains a small `Gemma3Tokenizer` on text, for offline experiments.
+
+    Gemma 3's tokenizer expects `<pad>`, `<eos>`, `<bos>` and `<unk>` at ids
+    0 to 3 and its turn and image markers as user-defined pieces; the
+    `sentencepiece` trainer is told so explicitly.
+
+    Args:
+        lines: An iterable of training sentences.
+        vocabulary_size: Number of tokens, at least 16.
+
+    Returns:
+        A `keras_hub.models.Gemma3Tokenizer`.
+
+    Example:
+
+    >>> tokenizer = train_gemma3_tokenizer(
+    ...     ["to be or not to be", "that is the question"] * 50, 24)
+    >>> tokenizer.vocabulary_size(), tokenizer.pad_token_id, tokenizer.end_token_id
+    (24, 0, 1)
+    """
+    import io
+
+    import sentencepiece
+
+    if not isinstance(vocabulary_size, int) or vocabulary_size < 16:
+        raise ValueError(
+            f"`vocabulary_size` must be an integer >= 16, got {vocabulary_size!r}."
+        )
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(lines)),
+        model_writer=model,
+        vocab_size=vocabulary_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        **{f"{name}_piece": piece for name, piece in _GEMMA3_SPECIAL_PIECES.items()},
+        user_defined_symbols=_GEMMA3_USER_SYMBOLS,
+        minloglevel=2,
+    )
+    return _keras_hub().models.Gemma3Tokenizer(proto=model.getvalue())
