@@ -1,0 +1,344 @@
+"""Metrics and callbacks people watch while distilling.
+
+Two metrics compare the teacher with the student on every batch:
+`TeacherAgreement` (how often their top-1 predictions match) and `TeacherKL`
+(the plain KL divergence between their distributions). They take
+`update_state(teacher_logits, student_logits, sample_weight)`, so the
+`Distiller` updates them itself from the logits it already computed: pass
+them to `Distiller.compile(metrics=[...])` and they show in the progress bar
+and in `History` as `teacher_agreement` and `teacher_kl` (`val_...` too).
+
+Two callbacks write into each epoch's `logs`, so they reach `History` and the
+progress bar as well: `Throughput` (training examples/s and tokens/s) and
+`PeakMemory` (the process's peak resident host memory and, where the backend
+reports it, the accelerator's peak memory). `device_peak_memory_bytes` is the
+one backend-specific helper of this module.
+"""
+
+import resource
+import sys
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_distill import losses as losses_module
+
+
+class TeacherStudentMetric(keras.metrics.Metric):
+    """Base class of weighted means of a per-position teacher–student value.
+
+    Subclasses implement `values(teacher_logits, student_logits)`, returning
+    one float per position (the logits' shape without the class axis). The
+    `Distiller` recognizes instances among its compiled metrics and updates
+    them with the teacher's and the student's logits instead of `(y, y_pred)`.
+
+    Args:
+        name: Name of the metric (its key in `logs`).
+        dtype: Dtype of the metric's result.
+    """
+
+    def __init__(self, name, dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="total"
+        )
+        self.count = self.add_variable(
+            shape=(), initializer="zeros", dtype="float32", name="count"
+        )
+
+    def values(self, teacher_logits, student_logits):
+        raise NotImplementedError
+
+    def update_state(self, teacher_logits, student_logits, sample_weight=None):
+        """Accumulates the batch's values.
+
+        Args:
+            teacher_logits: Teacher logits, shape `(..., num_classes)`.
+            student_logits: Student logits, same shape.
+            sample_weight: Optional per-example weights or per-token padding
+                mask, broadcastable to the logits without their class axis.
+        """
+        teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+        student_logits = ops.stop_gradient(ops.cast(student_logits, "float32"))
+        if tuple(teacher_logits.shape[-1:]) != tuple(student_logits.shape[-1:]):
+            raise ValueError(
+                f"`{self.name}` compares logits of the same shape, got teacher "
+                f"{tuple(teacher_logits.shape)} and student "
+                f"{tuple(student_logits.shape)}."
+            )
+        values = self.values(teacher_logits, student_logits)
+        self.total.assign_add(
+            losses_module.weighted_reduce(values, sample_weight, "sum")
+        )
+        self.count.assign_add(
+            losses_module.weighted_reduce(
+                ops.ones_like(values), sample_weight, "sum"
+            )
+        )
+
+    def result(self):
+        # Before any update (or with all-zero weights) the mean is 0, not NaN.
+        return ops.cast(ops.divide_no_nan(self.total, self.count), self.dtype)
+
+    def reset_state(self):
+        self.total.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class TeacherAgreement(TeacherStudentMetric):
+    """Fraction of positions where the teacher's and student's top-1 agree.
+
+    With a padding mask as `sample_weight` it counts real tokens only. Ties
+    are broken towards the lowest class index on both sides (`argmax`).
+
+    Args:
+        name: Name of the metric, `"teacher_agreement"` by default.
+        dtype: Dtype of the metric's result.
+
+    Example:
+
+    >>> metric = TeacherAgreement()
+    >>> metric.update_state([[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]])
+    >>> float(metric.result())
+    0.5
+    """
+
+    def __init__(self, name="teacher_agreement", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+
+    def values(self, teacher_logits, student_logits):
+        return ops.cast(
+            ops.equal(
+                ops.argmax(teacher_logits, axis=-1),
+                ops.argmax(student_logits, axis=-1),
+            ),
+            "float32",
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class TeacherKL(TeacherStudentMetric):
+    """Mean `KL(softmax(t / T) || softmax(s / T))` between teacher and student.
+
+    Unlike the Distiller's `distillation_loss` it is not scaled by `T²` and it
+    does not depend on the training divergence, so it is comparable across
+    runs with different losses and temperatures. At `temperature=1` (the
+    default) it is how far the student's predictive distribution is from the
+    teacher's.
+
+    Args:
+        temperature: Softening temperature `T > 0` of both distributions.
+        name: Name of the metric, `"teacher_kl"` by default.
+        dtype: Dtype of the metric's result.
+
+    Example:
+
+    >>> metric = TeacherKL()
+    >>> metric.update_state([[2.0, 0.5, -1.0]], [[1.0, 1.0, 0.0]])
+    >>> round(float(metric.result()), 4)
+    0.2795
+    """
+
+    def __init__(self, temperature=1.0, name="teacher_kl", dtype=None):
+        losses_module.check_positive_number("temperature", temperature)
+        super().__init__(name=name, dtype=dtype)
+        self.temperature = temperature
+
+    def values(self, teacher_logits, student_logits):
+        # forward_kl scales by T²; the metric reports the plain KL.
+        return losses_module.forward_kl(
+            teacher_logits, student_logits, self.temperature, reduction="none"
+        ) / (self.temperature**2)
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+def host_peak_memory_bytes():
+    """Peak resident memory (RSS) of this process since it started, in bytes.
+
+    Returns:
+        An `int` number of bytes (`getrusage`'s `ru_maxrss`).
+
+    Example:
+
+    >>> host_peak_memory_bytes() > 0
+    True
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def device_peak_memory_bytes():
+    """Peak memory of the first accelerator, where the backend reports it.
+
+    The only backend branch of this module: JAX reads
+    `jax.devices()[0].memory_stats()["peak_bytes_in_use"]`, PyTorch
+    `torch.cuda.max_memory_allocated()`, TensorFlow
+    `tf.config.experimental.get_memory_info("GPU:0")["peak"]`. All are peaks
+    since the process started (or since the backend's own reset).
+
+    Returns:
+        An `int` number of bytes, or `None` on CPU and wherever the backend
+        does not report device memory.
+
+    Example:
+
+    >>> peak = device_peak_memory_bytes()
+    >>> peak is None or peak > 0
+    True
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats()
+        return None if not stats else stats.get("peak_bytes_in_use")
+    if backend == "torch":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.max_memory_allocated())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_logical_devices("GPU"):
+            return None
+        return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+    return None
+
+
+class PeakMemory(keras.callbacks.Callback):
+    """Writes peak host (and device) memory into each epoch's logs.
+
+    Adds `peak_host_memory_mb`, the process's peak resident set size, and,
+    where the backend reports it (see `device_peak_memory_bytes`),
+    `peak_device_memory_mb`. Both are peaks since the process started, so they
+    never decrease from one epoch to the next. MB means 2**20 bytes.
+
+    Example:
+
+    >>> import numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> history = model.fit(np.ones((4, 3)), np.ones((4, 1)), verbose=0,
+    ...                     callbacks=[PeakMemory()])
+    >>> history.history["peak_host_memory_mb"][0] > 0
+    True
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["peak_host_memory_mb"] = host_peak_memory_bytes() / 2**20
+        device_peak = device_peak_memory_bytes()
+        if device_peak is not None:
+            logs["peak_device_memory_mb"] = device_peak / 2**20
+
+
+def _check_count(name, value, allow_zero=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+
+
+class Throughput(keras.callbacks.Callback):
+    """Writes training examples/s (and tokens/s) of each epoch into its logs.
+
+    The time of an epoch runs from its start to the end of its last training
+    batch (validation is not counted). Keras converts each batch's logs to
+    Python numbers before this callback sees them, which waits for the
+    batch's computation, so asynchronous dispatch does not shorten the
+    measured time. The first epoch includes tracing and compilation; read
+    the steady state from the later epochs.
+
+    Examples are counted as `batch_size` per training step, capped at
+    `num_examples` when it is given, so that a smaller last batch is counted
+    exactly. Tokens are examples times the mean number of real tokens per
+    example: give `tokens_per_example`, or the training set's `padding_mask`
+    (shape `(num_examples, sequence_length)`) to count non-padding tokens.
+
+    Adds `examples_per_second`, `tokens_per_second` (when tokens are known)
+    and `train_seconds` to the epoch's logs.
+
+    Args:
+        batch_size: Examples per training step.
+        num_examples: Optional number of training examples per epoch (the
+            dataset size); needed for exact counts when the last batch is
+            smaller.
+        tokens_per_example: Optional mean number of tokens per example.
+        padding_mask: Optional 0/1 array over the training set's tokens;
+            `tokens_per_example` is its mean number of ones per example.
+
+    Example:
+
+    >>> import numpy as np
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> history = model.fit(np.ones((10, 3)), np.ones((10, 1)), batch_size=4,
+    ...                     verbose=0, callbacks=[Throughput(4, num_examples=10)])
+    >>> history.history["examples_per_second"][0] > 0
+    True
+    """
+
+    def __init__(
+        self,
+        batch_size,
+        num_examples=None,
+        tokens_per_example=None,
+        padding_mask=None,
+    ):
+        super().__init__()
+        _check_count("batch_size", batch_size)
+        if num_examples is not None:
+            _check_count("num_examples", num_examples)
+        if tokens_per_example is not None and padding_mask is not None:
+            raise ValueError(
+                "Pass `tokens_per_example` or `padding_mask`, not both."
+            )
+        if padding_mask is not None:
+            padding_mask = np.asarray(padding_mask)
+            if padding_mask.ndim < 2:
+                raise ValueError(
+                    "`padding_mask` must have shape (num_examples, "
+                    f"sequence_length), got {padding_mask.shape}."
+                )
+            tokens_per_example = float(padding_mask.sum() / len(padding_mask))
+        if tokens_per_example is not None:
+            _check_count("tokens_per_example", tokens_per_example, True)
+        self.batch_size = batch_size
+        self.num_examples = num_examples
+        self.tokens_per_example = tokens_per_example
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._last_batch_end = None
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_batch_end = time.perf_counter()
+        self._batches += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self._last_batch_end is None:
+            return
+        seconds = self._last_batch_end - self._epoch_start
+        examples = self.batch_size * self._batches
+        if self.num_examples is not None:
+            examples = min(examples, self.num_examples)
+        logs["train_seconds"] = seconds
+        logs["examples_per_second"] = examples / seconds
+        if self.tokens_per_example is not None:
+            logs["tokens_per_second"] = (
+                examples * self.tokens_per_example / seconds
+            )
