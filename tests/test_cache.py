@@ -9,6 +9,8 @@ import pytest
 from keras_distill import Distiller
 from keras_distill.cache import TeacherOutputCache
 from keras_distill.cache import example_digests
+from keras_distill.codec import top_k_total_variation
+from keras_distill.sparse import top_k_teacher_targets
 from tests.test_distiller import compiled_distiller
 from tests.test_distiller import make_data
 from tests.test_distiller import make_teacher
@@ -277,6 +279,90 @@ def test_top_k_cache_trains_the_distiller(tmp_path):
     assert np.isfinite(history.history["distillation_loss"]).all()
 
 
+VOCABULARY = 300
+SEQUENCE = 6
+
+
+def make_language_model(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((SEQUENCE,), dtype="int32"),
+            keras.layers.Embedding(VOCABULARY, 16),
+            keras.layers.Dense(VOCABULARY),
+        ]
+    )
+
+
+def make_tokens(n=24):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCABULARY, (n, SEQUENCE + 1)).astype("int32")
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def test_compact_top_k_cache_matches_the_teacher_and_trains(tmp_path):
+    x, y = make_tokens()
+    teacher = make_language_model(seed=1)
+    compact = TeacherOutputCache.build(
+        teacher, x, tmp_path / "compact", top_k=32, format="compact", batch_size=10
+    )
+    assert all(isinstance(a, np.memmap) for a in compact.arrays.values())
+    order = np.array([5, 17, 0, 23])
+    targets = compact.targets(compact.rows(x[order]))
+    assert targets["teacher_top_log_probs"].shape == (4, SEQUENCE, 32)
+    log_probs, indices = top_k_teacher_targets(teacher.predict(x[order], verbose=0), 32)
+    log_probs = keras.ops.convert_to_numpy(log_probs).reshape(-1, 32)
+    indices = keras.ops.convert_to_numpy(indices).reshape(-1, 32)
+    decoded_indices = targets["teacher_top_indices"].reshape(-1, 32)
+    np.testing.assert_array_equal(decoded_indices, np.sort(indices, axis=-1))
+    assert top_k_total_variation(
+        log_probs, indices, targets["teacher_top_log_probs"].reshape(-1, 32), decoded_indices
+    ).max() <= 1e-3
+    stored = sum(f.stat().st_size for f in (tmp_path / "compact").glob("compact_*"))
+    plain = TeacherOutputCache.build(
+        teacher, x, tmp_path / "plain", top_k=32, format="float32"
+    )
+    # Smaller than float16 values + uint16 indices even for this untrained
+    # teacher's flat distributions (sizes at scale: tests/test_codec.py).
+    assert stored < 24 * SEQUENCE * 32 * (2 + 2)
+
+    # The distillation loss from compact targets is the float32 one's, up to
+    # the values' rounding (a total variation of at most 1e-3 per position).
+    student = make_language_model(seed=2)
+    losses = {}
+    for name, cache in (("compact", compact), ("plain", plain)):
+        distiller = compiled_distiller(teacher=None, student=student)
+        batches = cache.dataset(x, y, batch_size=8, shuffle=False)
+        losses[name] = distiller.evaluate(batches, return_dict=True, verbose=0)
+    assert losses["compact"]["distillation_loss"] == pytest.approx(
+        losses["plain"]["distillation_loss"], rel=1e-3
+    )
+    assert losses["compact"]["student_loss"] == losses["plain"]["student_loss"]
+    distiller = compiled_distiller(teacher=None, student=student)
+    history = distiller.fit(compact.dataset(x, y, batch_size=8), epochs=2, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_interrupted_compact_build_is_resumed(tmp_path, teacher_batches):
+    x, _ = make_tokens()
+    teacher = make_language_model(seed=1)
+    teacher_batches.fail_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        TeacherOutputCache.build(teacher, x, tmp_path, top_k=8, format="compact", batch_size=10)
+    with open(tmp_path / "compact_payload.bin", "ab") as file:
+        file.write(b"\xff" * 100)  # bytes of a batch never committed
+    teacher_batches.fail_after = None
+    cache = TeacherOutputCache.build(
+        teacher, x, tmp_path, top_k=8, format="compact", batch_size=10
+    )
+    assert teacher_batches.examples == 24
+    fresh = TeacherOutputCache.build(
+        teacher, x, tmp_path / "fresh", top_k=8, format="compact", batch_size=24
+    )
+    for name, values in fresh.targets(fresh.rows(x)).items():
+        np.testing.assert_array_equal(cache.targets(cache.rows(x))[name], values)
+
+
 def test_complete_cache_is_reused_and_stale_cache_refused(
     tmp_path, teacher_batches
 ):
@@ -369,6 +455,7 @@ def test_interrupted_build_is_detected_and_resumed(
         ({"format": "int8"}, ValueError, "`format`"),
         ({"batch_size": 0}, ValueError, "`batch_size`"),
         ({"top_k": 0}, ValueError, "`top_k`"),
+        ({"format": "compact"}, ValueError, "pass `top_k`"),
         ({"teacher": lambda x: x}, TypeError, "`teacher`"),
         ({"inputs": "not arrays"}, TypeError, "`inputs`"),
         ({"inputs": np.array(["a", "b"])}, TypeError, "numeric"),
