@@ -171,22 +171,23 @@ def test_all_padding_batch_gives_zero_loss_and_no_update(models, batch):
         np.testing.assert_array_equal(old, new)
 
 
-def test_fit_reduces_loss(models, batch):
+def test_fit_moves_the_student_to_the_teacher(models, batch):
     tokenizer, teacher = models[0].preprocessor.tokenizer, models[1]
     student = _gemma(tokenizer, 16, seed=1)
     distiller = hub.CausalLMDistiller(student=student, teacher=teacher)
     distiller.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         student_loss_fn="sparse_categorical_crossentropy",
-        alpha=0.1,
+        alpha=0.0,
         temperature=2.0,
     )
     x, labels, sample_weight = batch
     history = distiller.fit(
-        x, labels, sample_weight=sample_weight, epochs=8, verbose=0, batch_size=4
+        x, labels, sample_weight=sample_weight, epochs=25, verbose=0, batch_size=4
     )
-    losses = history.history["loss"]
-    assert losses[-1] < 0.8 * losses[0]
+    # One batch, 25 steps on the teacher alone: the student moves to it.
+    distillation_loss = history.history["distillation_loss"]
+    assert distillation_loss[-1] < 0.9 * distillation_loss[0]
 
 
 def test_final_logit_soft_cap_is_distilled(tokenizer, batch):

@@ -1,0 +1,375 @@
+"""Distill a Gemma 3 teacher into a smaller Gemma 3 student on Tiny Shakespeare.
+
+Offline (the default), everything is built here: a SentencePiece tokenizer
+trained on the training part of Tiny Shakespeare, a small Gemma 3 teacher
+trained briefly on it, then two identical small Gemma 3 students that start
+from the same initial weights and see the same batches for the same number of
+optimizer steps: one distilled from the teacher with
+`keras_distill.hub.CausalLMDistiller`, one trained from scratch on the text
+alone. It prints held-out perplexity and teacher–student top-1 agreement
+(how often the student's most likely next token is the teacher's) for each
+model, a few generated lines from each, and the error of top-k teacher
+targets (k = 8, 64, 256) against the dense loss, and writes `results.json`.
+
+The text is split by position: the first 90% trains, the last 10% is
+held out. Each split is tokenized once and cut into windows of
+`--sequence-length` tokens (`keras_distill.hub.language_model_windows`).
+
+With `--teacher` and `--student` preset names (e.g. `gemma3_instruct_27b`
+and `gemma3_instruct_1b`) or local preset directories, the same script loads
+real models with `CausalLMDistiller.from_preset` and distills on the same
+text with the teacher's tokenizer, where the weights are reachable.
+
+    python examples/gemma_distillation.py                 # offline, tiny models
+    python examples/gemma_distillation.py --quick         # a smoke run
+    python examples/gemma_distillation.py --teacher gemma3_instruct_27b \\
+        --student gemma3_instruct_1b --sequence-length 256
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from keras_distill import datasets
+from keras_distill import hub
+from keras_distill import losses
+from keras_distill import sparse
+
+PROMPTS = ("ROMEO:", "First Citizen:\nWe are", "KING RICHARD III:\nNow")
+
+
+def build_gemma(vocabulary_size, hidden_dim, num_layers, num_heads, preprocessor):
+    """A text-only Gemma 3 causal LM built from a config."""
+    import keras_hub
+
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=vocabulary_size,
+        image_size=None,
+        num_layers=num_layers,
+        num_query_heads=num_heads,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=4 * hidden_dim,
+        head_dim=hidden_dim // num_heads,
+    )
+    return keras_hub.models.Gemma3CausalLM(
+        backbone=backbone, preprocessor=preprocessor
+    )
+
+
+def _optimizer(learning_rate):
+    return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=0.01)
+
+
+def token_log_likelihoods(model, x, labels, batch_size):
+    """Per-token log-probabilities of `labels` under `model`, and its logits."""
+    logits = model.predict(x, batch_size=batch_size, verbose=0).astype("float32")
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    return np.take_along_axis(log_probs, labels[..., None], -1)[..., 0], logits
+
+
+def evaluate(model, teacher_logits, x, labels, weight, batch_size):
+    """Held-out perplexity and top-1 agreement with the teacher."""
+    log_likelihood, logits = token_log_likelihoods(model, x, labels, batch_size)
+    perplexity = math.exp(-(log_likelihood * weight).sum() / weight.sum())
+    agreement = None
+    if teacher_logits is not None:
+        same = logits.argmax(-1) == teacher_logits.argmax(-1)
+        agreement = float((same * weight).sum() / weight.sum())
+    return {"perplexity": perplexity, "agreement": agreement}, logits
+
+
+def top_k_errors(teacher_logits, student_logits, weight, temperature, ks):
+    """Relative error of the top-k losses against the dense forward KL."""
+    dense = float(
+        keras.ops.convert_to_numpy(
+            losses.forward_kl(
+                teacher_logits, student_logits, temperature, sample_weight=weight
+            )
+        )
+    )
+    rows = []
+    for k in ks:
+        if k > teacher_logits.shape[-1]:
+            continue
+        log_probs, indices = sparse.top_k_teacher_targets(teacher_logits, k)
+        row = {"k": k, "dense": dense}
+        for tail in ("renormalize", "bucket"):
+            value = float(
+                keras.ops.convert_to_numpy(
+                    sparse.sparse_forward_kl(
+                        log_probs,
+                        indices,
+                        student_logits,
+                        temperature,
+                        sample_weight=weight,
+                        tail=tail,
+                    )
+                )
+            )
+            row[tail] = value
+            row[f"{tail}_relative_error"] = (value - dense) / dense
+        rows.append(row)
+    return rows
+
+
+def generate_samples(model, preprocessor, max_length, seed):
+    """Top-10 samples continuing `PROMPTS`, from `model`'s backbone."""
+    import keras_hub
+
+    # The models train on token ids, without a preprocessor (KerasHub's
+    # `fit` would run one on the ids); generation needs one to read text.
+    generator = keras_hub.models.Gemma3CausalLM(
+        backbone=model.backbone, preprocessor=preprocessor
+    )
+    generator.compile(sampler=keras_hub.samplers.TopKSampler(k=10, seed=seed))
+    return [
+        str(generator.generate(prompt, max_length=max_length)) for prompt in PROMPTS
+    ]
+
+
+def _fit_history(model, data, epochs, batch_size, seed, validation):
+    keras.utils.set_random_seed(seed)
+    x, labels, weight = data
+    history = model.fit(
+        x,
+        labels,
+        sample_weight=weight,
+        epochs=epochs,
+        batch_size=batch_size,
+        validation_data=validation,
+        shuffle=True,
+        verbose=2,
+    )
+    return {key: [float(v) for v in values] for key, values in history.history.items()}
+
+
+def run_offline(args):
+    import keras_hub
+
+    text = datasets.load_tiny_shakespeare(args.data_dir)
+    split = int(0.9 * len(text))
+    train_text, heldout_text = text[:split], text[split:]
+    if args.quick:
+        train_text, heldout_text = train_text[:60_000], heldout_text[:8_000]
+    lines = [line for line in train_text.splitlines() if line.strip()]
+    tokenizer = hub.train_gemma3_tokenizer(lines, args.vocabulary_size)
+    train = hub.language_model_windows(tokenizer, train_text, args.sequence_length)
+    heldout = hub.language_model_windows(tokenizer, heldout_text, args.sequence_length)
+    print(
+        f"{len(train[1])} training and {len(heldout[1])} held-out windows of "
+        f"{args.sequence_length} tokens (vocabulary {tokenizer.vocabulary_size()})"
+    )
+
+    teacher_size, student_size = args.teacher_size, args.student_size
+    keras.utils.set_random_seed(args.seed)
+    teacher = build_gemma(
+        tokenizer.vocabulary_size(), *teacher_size, preprocessor=None
+    )
+    teacher.compile(optimizer=_optimizer(args.learning_rate), sampler="greedy")
+    start = time.perf_counter()
+    teacher_history = _fit_history(
+        teacher, train, args.teacher_epochs, args.batch_size, args.seed, None
+    )
+    teacher_seconds = time.perf_counter() - start
+
+    keras.utils.set_random_seed(args.seed + 1)
+    distilled = build_gemma(
+        tokenizer.vocabulary_size(), *student_size, preprocessor=None
+    )
+    scratch = build_gemma(
+        tokenizer.vocabulary_size(), *student_size, preprocessor=None
+    )
+    scratch.set_weights(distilled.get_weights())
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=args.sequence_length
+    )
+    return (
+        teacher, teacher_history, teacher_seconds, distilled, scratch,
+        preprocessor, train, heldout,
+    )
+
+
+def run_presets(args):
+    distiller = hub.CausalLMDistiller.from_preset(
+        args.teacher, args.student, sequence_length=args.sequence_length
+    )
+    text = datasets.load_tiny_shakespeare(args.data_dir)
+    split = int(0.9 * len(text))
+    tokenizer = distiller.preprocessor.tokenizer
+    train = hub.language_model_windows(tokenizer, text[:split], args.sequence_length)
+    heldout = hub.language_model_windows(tokenizer, text[split:], args.sequence_length)
+    preprocessor = distiller.preprocessor
+    teacher, student = distiller.teacher, distiller.student
+    # KerasHub's `fit` would run the preprocessor on the token ids.
+    teacher.preprocessor = student.preprocessor = None
+    scratch = keras.models.clone_model(student)
+    scratch.set_weights(student.get_weights())
+    return teacher, None, 0.0, student, scratch, preprocessor, train, heldout
+
+
+def run(args):
+    keras.utils.set_random_seed(args.seed)
+    if args.teacher:
+        loaded = run_presets(args)
+    else:
+        loaded = run_offline(args)
+    (
+        teacher, teacher_history, teacher_seconds, distilled, scratch,
+        preprocessor, train, heldout,
+    ) = loaded
+    x_heldout, labels_heldout, weight_heldout = heldout
+    validation = (x_heldout, labels_heldout, weight_heldout)
+
+    distiller = hub.CausalLMDistiller(student=distilled, teacher=teacher)
+    distiller.compile(
+        optimizer=_optimizer(args.learning_rate),
+        student_loss_fn="sparse_categorical_crossentropy",
+        alpha=args.alpha,
+        temperature=args.temperature,
+    )
+    start = time.perf_counter()
+    distilled_history = _fit_history(
+        distiller, train, args.student_epochs, args.batch_size, args.seed, validation
+    )
+    distilled_seconds = time.perf_counter() - start
+
+    scratch.compile(optimizer=_optimizer(args.learning_rate), sampler="greedy")
+    start = time.perf_counter()
+    scratch_history = _fit_history(
+        scratch, train, args.student_epochs, args.batch_size, args.seed, validation
+    )
+    scratch_seconds = time.perf_counter() - start
+
+    teacher_metrics, teacher_logits = evaluate(
+        teacher, None, x_heldout, labels_heldout, weight_heldout, args.batch_size
+    )
+    rows = {"teacher": dict(teacher_metrics, agreement=1.0)}
+    student_logits = {}
+    for name, model in (("distilled", distilled), ("scratch", scratch)):
+        rows[name], student_logits[name] = evaluate(
+            model,
+            teacher_logits,
+            x_heldout,
+            labels_heldout,
+            weight_heldout,
+            args.batch_size,
+        )
+    for name, model in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch)):
+        rows[name]["parameters"] = int(model.count_params())
+    rows["teacher"]["train_seconds"] = teacher_seconds
+    rows["distilled"]["train_seconds"] = distilled_seconds
+    rows["scratch"]["train_seconds"] = scratch_seconds
+
+    # Top-k teacher targets against the dense loss, on the held-out tokens
+    # and the distilled student's logits.
+    errors = top_k_errors(
+        teacher_logits,
+        student_logits["distilled"],
+        weight_heldout,
+        args.temperature,
+        ks=(8, 64, 256),
+    )
+    samples = {
+        name: generate_samples(model, preprocessor, args.generate_length, args.seed)
+        for name, model in (("teacher", teacher), ("distilled", distilled), ("scratch", scratch))
+    }
+    results = {
+        "backend": keras.backend.backend(),
+        "config": {k: v for k, v in vars(args).items() if k != "output_dir"},
+        "models": rows,
+        "top_k": errors,
+        "samples": samples,
+        "history": {
+            "teacher": teacher_history,
+            "distilled": distilled_history,
+            "scratch": scratch_history,
+        },
+    }
+    print(format_table(results))
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {output_dir / 'results.json'}")
+    return results
+
+
+def format_table(results):
+    lines = [
+        f"backend: {results['backend']}",
+        "| model | parameters | held-out perplexity | top-1 agreement with teacher | train s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in results["models"].items():
+        lines.append(
+            f"| {name} | {row['parameters']:,} | {row['perplexity']:.2f} | "
+            f"{row['agreement']:.3f} | {row['train_seconds']:.0f} |"
+        )
+    if results["top_k"]:
+        lines += [
+            "",
+            "| k | dense T²·KL | top-k, renormalized tail (error) | top-k, tail bucket (error) |",
+            "|---|---|---|---|",
+        ]
+        for row in results["top_k"]:
+            lines.append(
+                f"| {row['k']} | {row['dense']:.4f} | {row['renormalize']:.4f} "
+                f"({100 * row['renormalize_relative_error']:+.1f}%) | "
+                f"{row['bucket']:.4f} ({100 * row['bucket_relative_error']:+.2f}%) |"
+            )
+    for name, texts in results["samples"].items():
+        lines.append(f"\n--- {name}")
+        lines += [text.replace("\n", " / ") for text in texts]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    root = Path(__file__).resolve().parents[1]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data-dir", default=str(root.parent / "shared" / "data"),
+                        help="folder holding tinyshakespeare.txt")
+    parser.add_argument("--output-dir", default="gemma_distillation_output")
+    parser.add_argument("--teacher", help="teacher preset name or directory (default: build one)")
+    parser.add_argument("--student", help="student preset name or directory")
+    parser.add_argument("--sequence-length", type=int, default=64)
+    parser.add_argument("--vocabulary-size", type=int, default=1000)
+    parser.add_argument("--teacher-epochs", type=int, default=3)
+    parser.add_argument("--student-epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--generate-length", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="a small, fast run for smoke tests")
+    args = parser.parse_args(argv)
+    if bool(args.teacher) != bool(args.student):
+        parser.error("pass both --teacher and --student, or neither")
+    # (hidden_dim, num_layers, num_heads)
+    args.teacher_size = (128, 4, 4)
+    args.student_size = (64, 1, 2)
+    if args.quick:
+        args.teacher_size, args.student_size = (32, 1, 2), (16, 1, 2)
+        args.vocabulary_size = min(args.vocabulary_size, 300)
+        args.teacher_epochs = args.student_epochs = 1
+        args.sequence_length = min(args.sequence_length, 32)
+        args.generate_length = min(args.generate_length, 12)
+    return args
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
