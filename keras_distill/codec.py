@@ -30,9 +30,9 @@ Per token, with the entries sorted by index:
 - The log of the k entries' total probability (float32), so decoded values are
   log-probabilities at T = 1 over the whole vocabulary, as stored plainly.
 
-A token's record is a 12-byte header (`b`, `o`, the step exponent, kept for
-inspection since the step cancels in the renormalization, a zero byte, the
-covered log-mass, the unary bit count), its unary codes, then its binary
+A token's record is a 10-byte header (`b`, `o`, the covered log-mass as
+float32, the unary bit count as uint32; the step itself cancels in the
+renormalization and is not stored), its unary codes, then its binary
 fields. The unary codes and the binary fields of a whole batch of tokens are
 each decoded at once: the unary terminators are the zero bits of the unary
 regions (`np.flatnonzero`), and every binary field is read from its bit
@@ -41,7 +41,7 @@ offset with a 5-byte window. No Python loop runs per token or per entry.
 
 import numpy as np
 
-HEADER_BYTES = 12
+HEADER_BYTES = 10
 _MAX_STEP_EXPONENT = 116  # step 2^-29: q < 2^30, fields of at most 31 bits
 _MARGIN = 1.0 - 1e-4  # the float32 decode may differ from float64 in the 7th digit
 _CHUNK_TOKENS = 1024
@@ -125,12 +125,12 @@ def _choose_steps(probs, max_total_variation):
     ratios = probs / probs.max(axis=-1, keepdims=True)
     target = max_total_variation * _MARGIN
 
-    def within(exponents, rows):
-        levels = _quantize(ratios[rows], exponents)
-        return _total_variation(_dequantize(levels), probs[rows]) <= target
+    def within(exponents):
+        levels = _quantize(ratios, exponents)
+        return _total_variation(_dequantize(levels), probs) <= target
 
     finest = np.full(len(probs), _MAX_STEP_EXPONENT)
-    if not within(finest, slice(None)).all():
+    if not within(finest).all():
         raise ValueError(
             f"`max_total_variation`={max_total_variation} is below what a "
             f"step of 2^-{_MAX_STEP_EXPONENT // 4} reaches for k = "
@@ -142,7 +142,7 @@ def _choose_steps(probs, max_total_variation):
     high = finest.copy()
     while (high - low > 1).any():
         middle = (low + high) // 2
-        ok = within(middle, slice(None))
+        ok = within(middle)
         high = np.where(ok, middle, high)
         low = np.where(ok, low, middle)
     return high
@@ -320,9 +320,8 @@ def _encode_sorted(log_probs, indices, max_total_variation):
     header = np.zeros((num_tokens, HEADER_BYTES), np.uint8)
     header[:, 0] = rice
     header[:, 1] = orders
-    header[:, 2] = exponents
-    header[:, 4:8] = log_mass.astype("<f4")[:, None].view(np.uint8)
-    header[:, 8:12] = unary_bits.astype("<u4")[:, None].view(np.uint8)
+    header[:, 2:6] = log_mass.astype("<f4")[:, None].view(np.uint8)
+    header[:, 6:10] = unary_bits.astype("<u4")[:, None].view(np.uint8)
     return _interleave(
         [
             (header.reshape(-1), np.full(num_tokens, HEADER_BYTES)),
@@ -335,12 +334,13 @@ def _encode_sorted(log_probs, indices, max_total_variation):
 def _read_fields(windows, bit_positions, widths):
     """Unsigned fields of `widths` (≤ 57) bits at `bit_positions`.
 
-    `windows[i]` is the big-endian 64-bit word starting at byte `i`.
+    `windows[i]` is the big-endian 64-bit word starting at byte `i`: shifting
+    it left drops the bits before the field, shifting right keeps its width.
     """
     window = windows.take(bit_positions >> 3).astype(np.uint64)
-    shift = (64 - (bit_positions & 7) - widths).astype(np.uint64)
-    mask = (np.uint64(1) << widths.astype(np.uint64)) - np.uint64(1)
-    return ((window >> shift) & mask).astype(np.int64)
+    window <<= (bit_positions & 7).astype(np.uint64)
+    window >>= (64 - widths).astype(np.uint64)
+    return window.astype(np.int64)
 
 
 def decode_top_k(payload, token_bytes, k):
@@ -393,8 +393,8 @@ def _decode_chunk(payload, token_bytes, k):
     header = padded[starts[:, None] + np.arange(HEADER_BYTES)]
     rice = header[:, 0].astype(np.int64)[:, None]
     orders = header[:, 1].astype(np.int64)[:, None]
-    log_mass = header[:, 4:8].copy().view("<f4").astype(np.float64)
-    unary_bits = header[:, 8:12].copy().view("<u4")[:, 0].astype(np.int64)
+    log_mass = header[:, 2:6].copy().view("<f4").astype(np.float64)
+    unary_bits = header[:, 6:10].copy().view("<u4")[:, 0].astype(np.int64)
 
     unary_bytes = (unary_bits + 7) // 8
     unary_start = starts + HEADER_BYTES
@@ -410,7 +410,8 @@ def _decode_chunk(payload, token_bytes, k):
     terminators = terminators.reshape(num_tokens, 2 * k)
     runs = np.empty_like(terminators)
     runs[:, 0] = terminators[:, 0] - 8 * (np.cumsum(unary_bytes) - unary_bytes)
-    runs[:, 1:] = np.diff(terminators, axis=-1) - 1
+    np.subtract(terminators[:, 1:], terminators[:, :-1], out=runs[:, 1:])
+    runs[:, 1:] -= 1
     quotients, lengths = runs[:, :k], runs[:, k:]
 
     # Binary fields: k gap remainders of `rice` bits, then the values'
