@@ -1,0 +1,297 @@
+"""Tests for `examples/sentiment_distillation.py`: data, helpers, a quick run."""
+
+import contextlib
+import importlib.util
+import io
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / ".." / "shared" / "data"
+
+
+def _load_example():
+    path = REPO_ROOT / "examples" / "sentiment_distillation.py"
+    spec = importlib.util.spec_from_file_location("sentiment_distillation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _load_example()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return example.split_phrasebank(DATA_DIR)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One `--quick` run shared by the end-to-end tests."""
+    output_dir = tmp_path_factory.mktemp("sentiment")
+    argv = [
+        "--quick",
+        "--seeds", "0",
+        "--verbose", "0",
+        "--output-dir", str(output_dir),
+        "--data-dir", str(DATA_DIR),
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = example.main(argv)
+    return output_dir, results, printed.getvalue()
+
+
+def test_splits_are_disjoint_by_normalized_text(splits):
+    texts = {
+        name: [example.normalize_sentence(s) for s in part[0]]
+        for name, part in (
+            ("train", splits.train),
+            ("validation", splits.validation),
+            ("test", splits.test),
+        )
+    }
+    for name, normalized in texts.items():
+        assert len(set(normalized)) == len(normalized), f"duplicates in {name}"
+    assert not set(texts["train"]) & set(texts["test"])
+    assert not set(texts["train"]) & set(texts["validation"])
+    assert not set(texts["validation"]) & set(texts["test"])
+    assert len(texts["test"]) == 750 and len(texts["validation"]) == 400
+    # Train is the 50%-agreement file minus the held-out sentences.
+    assert 3600 < len(texts["train"]) < 4100
+    assert splits.class_names == ("negative", "neutral", "positive")
+
+
+def test_held_out_sentences_come_from_the_all_agree_file(splits):
+    from keras_distill.datasets import load_financial_phrasebank
+
+    with pytest.warns(UserWarning, match="line 38"):
+        all_agree = load_financial_phrasebank(DATA_DIR, agreement="all")
+    label_of = dict(zip(all_agree.sentences, all_agree.labels.tolist()))
+    for sentences, labels in (splits.test, splits.validation):
+        assert [label_of[s] for s in sentences] == labels.tolist()
+    # All three classes are present in the test part.
+    assert sorted(set(splits.test[1].tolist())) == [0, 1, 2]
+
+
+def test_split_is_fixed(splits):
+    again = example.split_phrasebank(DATA_DIR)
+    assert again.test[0] == splits.test[0]
+    assert again.train[0] == splits.train[0]
+
+
+def test_normalize_sentence_ignores_case_spacing_and_punctuation():
+    assert example.normalize_sentence(
+        "Sales ROSE  5 % ,  the CEO said ."
+    ) == example.normalize_sentence("sales rose 5%, the ceo said.")
+
+
+def test_tokenize_and_vocabulary():
+    assert example.tokenize("Net sales rose 12.5 % to EUR 1,200 mn .") == [
+        "net", "sales", "rose", "<number>", "%", "to", "eur", "<number>",
+        "mn", ".",
+    ]
+    vocabulary = example.WordVocabulary.from_sentences(
+        ["Sales rose .", "Sales fell .", "Profit rose ."], min_count=2
+    )
+    # Kept: tokens seen twice or more, most frequent first, ties by name.
+    assert vocabulary.tokens == [".", "rose", "sales"]
+    assert vocabulary.size == 5
+    encoded = vocabulary.encode(["Profit rose sharply .", ""], 3)
+    np.testing.assert_array_equal(
+        encoded,
+        [[example.OOV_ID, 3, example.OOV_ID], [example.PAD_ID] * 3],
+    )
+    assert encoded.dtype == np.int32
+
+
+def test_drop_tokens_keeps_order_and_padding():
+    token_ids = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0]])
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        example.drop_tokens(token_ids, 0.0, rng), token_ids
+    )
+    assert not example.drop_tokens(token_ids, 1.0, rng).any()
+    dropped = example.drop_tokens(np.tile(token_ids, (50, 1)), 0.5, rng)
+    for row, original in zip(dropped, np.tile(token_ids, (50, 1))):
+        kept = row[row != 0]
+        # The kept tokens are a subsequence, in order, followed by padding.
+        assert list(kept) == [t for t in original if t in set(kept)]
+        assert not row[len(kept):].any()
+    assert 0.3 < (dropped != 0).sum() / (token_ids != 0).sum() / 50 < 0.7
+
+
+def test_shuffled_batches_cover_each_epoch_and_repeat_with_the_seed():
+    token_ids = np.arange(10).reshape(10, 1) + 1
+    labels = np.arange(10)
+    batches = example.ShuffledBatches(token_ids, labels, 4, epochs=2, seed=3)
+    assert len(batches) == 6 and batches.steps_per_epoch == 3
+    for epoch in range(2):
+        seen = np.concatenate([batches[epoch * 3 + s][1] for s in range(3)])
+        np.testing.assert_array_equal(np.sort(seen), labels)
+        inputs = np.concatenate([batches[epoch * 3 + s][0] for s in range(3)])
+        np.testing.assert_array_equal(inputs.ravel(), seen + 1)
+    assert not np.array_equal(batches[0][1], batches[3][1])
+    again = example.ShuffledBatches(token_ids, labels, 4, epochs=2, seed=3)
+    np.testing.assert_array_equal(again[4][1], batches[4][1])
+
+
+def _macro_f1_reference(labels, predictions, num_classes):
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (labels, predictions), 1)
+    scores = []
+    for c in range(num_classes):
+        precision = confusion[c, c] / max(confusion[:, c].sum(), 1)
+        recall = confusion[c, c] / max(confusion[c, :].sum(), 1)
+        total = precision + recall
+        scores.append(0.0 if total == 0 else 2 * precision * recall / total)
+    return np.mean(scores)
+
+
+def test_macro_f1_matches_a_confusion_matrix_reference():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        labels = rng.integers(0, 3, 50)
+        predictions = np.where(rng.random(50) < 0.6, labels,
+                               rng.integers(0, 3, 50))
+        assert math.isclose(
+            example.macro_f1(labels, predictions, 3),
+            _macro_f1_reference(labels, predictions, 3),
+        )
+    # A class never predicted nor present scores 0.
+    assert example.macro_f1(np.array([0, 1]), np.array([0, 1]), 3) == 2 / 3
+
+
+def test_format_soft_targets():
+    assert (
+        example.format_soft_targets([0.1, 0.7, 0.2], example.PHRASEBANK_CLASSES)
+        == "0.70 neutral / 0.20 positive / 0.10 negative"
+    )
+
+
+def test_teacher_is_much_larger_than_the_student():
+    recipe = example.DEFAULT_RECIPE
+    teacher = example.build_teacher(recipe, 4000)
+    student = example.build_student(recipe, 4000)
+    assert teacher.count_params() > 8 * student.count_params()
+    token_ids = np.zeros((2, recipe.sequence_length), "int32")
+    token_ids[:, :3] = [[5, 6, 7], [8, 9, 10]]
+    for model in (teacher, student):
+        assert tuple(model(token_ids).shape) == (2, 3)
+
+
+def test_padding_is_ignored():
+    recipe = example.DEFAULT_RECIPE
+    keras.utils.set_random_seed(0)
+    token_ids = np.zeros((2, recipe.sequence_length), "int32")
+    token_ids[0, :3] = [5, 6, 7]
+    token_ids[1, :1] = [8]
+    for model in (
+        example.build_teacher(recipe, 50),
+        example.build_student(recipe, 50),
+    ):
+        reference = keras.ops.convert_to_numpy(model(token_ids))
+        # Whatever the padding id's embedding, no padded position counts.
+        embedding = model.get_layer("tokens").embeddings
+        values = keras.ops.convert_to_numpy(embedding).copy()
+        values[example.PAD_ID] = 100.0
+        embedding.assign(values)
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(model(token_ids)), reference,
+            rtol=1e-5, atol=1e-5,
+        )
+        # A real token does count. (A constant shift would not: layer
+        # normalization removes it.)
+        values[7] += np.linspace(-1.0, 1.0, values.shape[1])
+        embedding.assign(values)
+        assert not np.allclose(
+            keras.ops.convert_to_numpy(model(token_ids))[0], reference[0]
+        )
+
+
+def test_quick_run_prints_soft_targets_and_the_table(quick_run):
+    _, results, printed = quick_run
+    assert "Teacher's soft targets (T = 1 | T = " in printed
+    for example_ in results["soft_targets"]:
+        assert f"[{example_['label']}]" in printed
+    table = printed[printed.index("model "):].splitlines()
+    assert table[0].split()[:6] == [
+        "model", "test", "accuracy", "macro-F1", "params", "ms/sentence",
+    ]
+    assert table[1].startswith("teacher ")
+    assert table[2].startswith("distilled student ") and "±" in table[2]
+    assert table[3].startswith("scratch student ") and "±" in table[3]
+    assert table[4].startswith("distilled - scratch accuracy: ")
+    assert table[5].startswith("distilled - scratch macro-F1: ")
+    assert f"{results['teacher']['params']:,}" in table[1]
+
+
+def test_quick_run_writes_results_models_and_plots(quick_run):
+    output_dir, results, _ = quick_run
+    saved = json.loads((output_dir / "results.json").read_text())
+    assert saved["backend"] == keras.backend.backend()
+    assert saved["seeds"] == [0]
+    assert saved["sizes"] == {"train": 512, "validation": 128, "test": 256}
+    teacher = keras.saving.load_model(output_dir / "teacher.keras")
+    assert teacher.count_params() == saved["teacher"]["params"]
+    assert saved["teacher"]["params"] > 8 * saved["students"][0]["scratch"][
+        "params"
+    ]
+    for kind in ("distilled", "scratch"):
+        summary = saved["students"][0][kind]
+        assert 0.0 <= summary["test_accuracy"] <= 1.0
+        assert 0.0 <= summary["test_macro_f1"] <= 1.0
+        assert len(summary["val_accuracy_per_epoch"]) == 2
+        assert summary["ms_per_sentence_batch_1"] > 0
+        keras.saving.load_model(output_dir / f"student_{kind}_seed0.keras")
+    assert saved["accuracy_gain_per_seed"] == [
+        saved["students"][0]["distilled"]["test_accuracy"]
+        - saved["students"][0]["scratch"]["test_accuracy"]
+    ]
+    for name in ("soft_targets.png", "learning_curves.png"):
+        with open(output_dir / name, "rb") as file:
+            assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_accuracy_is_recomputed_from_the_saved_student(quick_run):
+    output_dir, results, _ = quick_run
+    splits = example.split_phrasebank(DATA_DIR)
+    tokens = json.loads((output_dir / "vocabulary.json").read_text())
+    vocabulary = example.WordVocabulary(tokens)
+    sentences, labels = splits.test[0][:256], splits.test[1][:256]
+    token_ids = vocabulary.encode(
+        sentences, results["recipe"]["sequence_length"]
+    )
+    student = keras.saving.load_model(
+        output_dir / "student_distilled_seed0.keras"
+    )
+    predictions = example.predict_logits(student, token_ids).argmax(-1)
+    assert np.mean(predictions == labels) == pytest.approx(
+        results["students"][0]["distilled"]["test_accuracy"]
+    )
+
+
+def test_soft_targets_are_distributions_softened_by_temperature(quick_run):
+    _, results, _ = quick_run
+    assert len(results["soft_targets"]) == 6
+    for example_ in results["soft_targets"]:
+        sharp = np.array(example_["probabilities_t1"])
+        soft = np.array(example_["probabilities_t"])
+        np.testing.assert_allclose([sharp.sum(), soft.sum()], 1.0, atol=1e-6)
+        # T > 1 moves every distribution toward uniform.
+        assert soft.max() <= sharp.max() + 1e-9
+
+
+def test_parse_args_defaults():
+    args = example.parse_args([])
+    assert args.seeds == [0, 1, 2]
+    assert args.output_dir == "runs/sentiment"
+    assert args.data_dir == "../shared/data"
+    assert not args.quick and args.verbose == 1
+    assert args.epochs is None and args.teacher_epochs is None
