@@ -15,8 +15,17 @@ import logging
 import keras
 import numpy as np
 from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
 
+from keras_distill import fused
+from keras_distill import losses
+from keras_distill.distiller import TEACHER_LOGITS
+from keras_distill.distiller import TEACHER_TOP_INDICES
+from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
 from keras_distill.distiller import Distiller
+from keras_distill.distiller import _is_keras_kl
+from keras_distill.distiller import split_targets
+from keras_distill.losses import DistillationLoss
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +177,39 @@ def shared_vocabulary(student, teacher, vocabulary_mapping=None):
     return size, None
 
 
+def _output_embedding(causal_lm):
+    """The `(vocabulary_size, hidden_dim)` matrix that maps hidden states to logits."""
+    token_embedding = causal_lm.backbone.token_embedding
+    if getattr(token_embedding, "tie_weights", True):
+        return token_embedding.embeddings
+    return ops.transpose(token_embedding.reverse_embeddings)
+
+
+def _soft_cap(causal_lm):
+    return getattr(causal_lm.backbone.token_embedding, "logit_soft_cap", None)
+
+
+def _fused_divergence(loss):
+    """The name and arguments of a divergence the fused loss computes."""
+    if loss is None or _is_keras_kl(loss):
+        return "forward_kl", {}
+    if isinstance(loss, str) and loss in losses.DIVERGENCES:
+        return loss, {}
+    kwargs = {}
+    if isinstance(loss, DistillationLoss):
+        kwargs = dict(loss.divergence_kwargs)
+        loss = loss.divergence
+    for name, function in losses.DIVERGENCES.items():
+        if loss is function:
+            return name, kwargs
+    raise ValueError(
+        "With fused_loss=True the divergence is computed tile by tile, so "
+        "`distillation_loss_fn` must be one of keras_distill.losses "
+        f"({sorted(losses.DIVERGENCES)}, by name, function or class) or "
+        f"Keras's KL; got {loss!r}."
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_distill")
 class CausalLMDistiller(Distiller):
     """Token-level distillation from one KerasHub causal LM into another.
@@ -191,6 +233,16 @@ class CausalLMDistiller(Distiller):
             when each batch carries the teacher's outputs (a cache).
         vocabulary_mapping: Optional 1-D integer array: the teacher's token
             id for each student token, for tokenizers that differ.
+        fused_loss: If True, the loss is computed from the models' last
+            hidden states and output embeddings a tile of tokens by
+            vocabulary at a time (`keras_distill.fused`), and full logits of
+            either model are never materialized: for large vocabularies
+            (Gemma's 262,144). Calling the Distiller then returns the
+            student's hidden states (`predict` and `distiller.student` still
+            give logits), and compiled `metrics` are refused.
+        chunk_size: Tokens per tile of the fused loss (None: its default).
+        vocabulary_chunk_size: Vocabulary entries per tile of the fused loss
+            (None: its default).
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -213,8 +265,20 @@ class CausalLMDistiller(Distiller):
     >>> history = distiller.fit(x, np.ones((2, 6), "int32"), verbose=0)
     """
 
-    def __init__(self, student, teacher, vocabulary_mapping=None, **kwargs):
+    def __init__(
+        self,
+        student,
+        teacher,
+        vocabulary_mapping=None,
+        fused_loss=False,
+        chunk_size=None,
+        vocabulary_chunk_size=None,
+        **kwargs,
+    ):
         _check_causal_lm("student", student)
+        self.fused_loss = bool(fused_loss)
+        self.chunk_size = chunk_size
+        self.vocabulary_chunk_size = vocabulary_chunk_size
         if teacher is not None:
             _check_causal_lm("teacher", teacher)
             self._vocabulary_size, self._vocabulary_mapping = shared_vocabulary(
@@ -313,6 +377,29 @@ class CausalLMDistiller(Distiller):
         # Vocabularies were checked by `shared_vocabulary`.
         pass
 
+    def compile(self, optimizer="adam", metrics=None, **kwargs):
+        if self.fused_loss:
+            if metrics or kwargs.get("weighted_metrics"):
+                raise ValueError(
+                    "fused_loss=True never materializes the student's logits, "
+                    "so compiled `metrics` cannot see them: compile without "
+                    "`metrics` (the loss terms are still reported), or use "
+                    "fused_loss=False."
+                )
+            self._fused_divergence = _fused_divergence(
+                kwargs.get("distillation_loss_fn")
+            )
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def call(self, inputs, training=None):
+        if self.fused_loss:
+            return self.student.backbone(inputs, training=training)
+        return super().call(inputs, training=training)
+
+    def predict_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self.student(x, training=False)
+
     def _teacher_logits(self, x):
         logits = super()._teacher_logits(x)
         if self._vocabulary_mapping is not None:
@@ -327,15 +414,97 @@ class CausalLMDistiller(Distiller):
     ):
         if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
             sample_weight = x["padding_mask"]
+        if self.fused_loss:
+            return self._compute_fused_loss(x, y, y_pred, sample_weight)
         return super().compute_loss(
             x, y, y_pred, sample_weight=sample_weight, training=training
         )
 
+    def _fused_teacher(self, x, teacher_outputs):
+        """The teacher arguments of `fused_distillation_loss`, and finiteness."""
+        if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
+            log_probs = ops.stop_gradient(
+                ops.cast(teacher_outputs[TEACHER_TOP_LOG_PROBS], "float32")
+            )
+            finite = ops.logical_not(ops.any(ops.isnan(log_probs)))
+            return {
+                "teacher_top_log_probs": ops.where(finite, log_probs, 0.0),
+                "teacher_top_indices": teacher_outputs[TEACHER_TOP_INDICES],
+            }, finite
+        if teacher_outputs is not None:
+            logits = ops.stop_gradient(
+                ops.cast(teacher_outputs[TEACHER_LOGITS], "float32")
+            )
+            finite = ops.all(ops.isfinite(logits))
+            return {"teacher_logits": ops.where(finite, logits, 0.0)}, finite
+        if self.teacher is None:
+            raise ValueError(
+                "This Distiller has no teacher, so each batch's `y` must "
+                f"carry the teacher's outputs ('{TEACHER_LOGITS}', or "
+                f"'{TEACHER_TOP_LOG_PROBS}' and '{TEACHER_TOP_INDICES}')."
+            )
+        hidden_states = ops.stop_gradient(
+            self.teacher.backbone(x, training=False)
+        )
+        embedding = _output_embedding(self.teacher)
+        if self._vocabulary_mapping is not None:
+            embedding = ops.take(embedding, self._vocabulary_mapping, axis=0)
+        else:
+            embedding = embedding[: self._vocabulary_size]
+        finite = ops.all(ops.isfinite(hidden_states))
+        return {
+            "teacher_hidden_states": ops.where(finite, hidden_states, 0.0),
+            "teacher_embedding": ops.stop_gradient(embedding),
+            "teacher_soft_cap": _soft_cap(self.teacher),
+        }, finite
+
+    def _compute_fused_loss(self, x, y, hidden_states, sample_weight):
+        labels, teacher_outputs = split_targets(y)
+        if labels is None and self.alpha > 0:
+            raise ValueError(
+                f"The data has no labels `y` but alpha={self.alpha} weights a "
+                "hard-label loss: pass labels, or compile with alpha=0."
+            )
+        teacher, teacher_finite = self._fused_teacher(x, teacher_outputs)
+        name, divergence_kwargs = self._fused_divergence
+        terms = fused.fused_distillation_loss(
+            hidden_states,
+            _output_embedding(self.student)[: self._vocabulary_size],
+            labels=labels,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            sample_weight=sample_weight,
+            soft_cap=_soft_cap(self.student),
+            divergence=name,
+            chunk_size=self.chunk_size,
+            vocabulary_chunk_size=self.vocabulary_chunk_size,
+            **teacher,
+            **divergence_kwargs,
+        )
+        loss = terms["loss"]
+        for extra_loss in self.losses:
+            loss = loss + ops.cast(ops.sum(extra_loss), "float32")
+        # As in `Distiller.compute_loss`: a broken teacher batch gives a zero
+        # gradient and a NaN loss, which stops `fit`.
+        loss = loss * ops.cast(teacher_finite, "float32")
+        loss = loss + ops.stop_gradient(
+            ops.where(teacher_finite, 0.0, float("nan"))
+        )
+        batch_size = ops.shape(hidden_states)[0]
+        self.student_loss_tracker.update_state(terms["student_loss"], batch_size)
+        self.distillation_loss_tracker.update_state(
+            terms["distillation_loss"], batch_size
+        )
+        return scale_loss_for_distribution(loss)
+
     def get_config(self):
         config = super().get_config()
         mapping = self._vocabulary_mapping
-        config["vocabulary_mapping"] = (
-            None if mapping is None else mapping.tolist()
+        config.update(
+            vocabulary_mapping=None if mapping is None else mapping.tolist(),
+            fused_loss=self.fused_loss,
+            chunk_size=self.chunk_size,
+            vocabulary_chunk_size=self.vocabulary_chunk_size,
         )
         return config
 

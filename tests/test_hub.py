@@ -328,3 +328,61 @@ def test_language_model_windows_on_shakespeare(tokenizer):
     assert weight.all() and x["padding_mask"].all()
     with pytest.raises(ValueError, match="sequence_length"):
         hub.language_model_windows(tokenizer, text, 0)
+
+
+@pytest.mark.parametrize("soft_cap", [None, 1.5])
+def test_fused_loss_equals_dense_loss_and_trains_the_same(tokenizer, batch, soft_cap):
+    # Teacher and student both soft-cap their logits when `soft_cap` is set:
+    # the fused path must apply the caps it never sees as logits.
+    x, labels, sample_weight = batch
+
+    def build():
+        teacher = _gemma(tokenizer, 32, seed=9, final_logit_soft_cap=soft_cap)
+        student = _gemma(tokenizer, 16, seed=10, final_logit_soft_cap=soft_cap)
+        return teacher, student
+
+    results = {}
+    for fused_loss in (False, True):
+        teacher, student = build()
+        distiller = _compile(
+            hub.CausalLMDistiller(
+                student=student,
+                teacher=teacher,
+                fused_loss=fused_loss,
+                chunk_size=5,
+                vocabulary_chunk_size=64,
+            )
+        )
+        first = _loss(distiller, x, labels, sample_weight) if not fused_loss else float(
+            keras.ops.convert_to_numpy(
+                distiller.compute_loss(x, labels, distiller(x), sample_weight)
+            )
+        )
+        history = distiller.fit(
+            x, labels, sample_weight=sample_weight, epochs=2, batch_size=4,
+            shuffle=False, verbose=0,
+        )
+        results[fused_loss] = (first, history.history, student.get_weights())
+    dense, fused_result = results[False], results[True]
+    np.testing.assert_allclose(fused_result[0], dense[0], rtol=1e-5)
+    for key in ("loss", "student_loss", "distillation_loss"):
+        np.testing.assert_allclose(fused_result[1][key], dense[1][key], rtol=1e-4)
+    for fused_weight, dense_weight in zip(fused_result[2], dense[2]):
+        np.testing.assert_allclose(fused_weight, dense_weight, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_refuses_metrics_and_unknown_divergences(models):
+    student, teacher = models
+    distiller = hub.CausalLMDistiller(student=student, teacher=teacher, fused_loss=True)
+    with pytest.raises(ValueError, match="compile without `metrics`"):
+        distiller.compile(
+            optimizer="sgd",
+            metrics=["accuracy"],
+            student_loss_fn="sparse_categorical_crossentropy",
+        )
+    with pytest.raises(ValueError, match="tile by tile"):
+        distiller.compile(
+            optimizer="sgd",
+            student_loss_fn="sparse_categorical_crossentropy",
+            distillation_loss_fn=keras.losses.MeanSquaredError(),
+        )
