@@ -8,6 +8,7 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.utils import tracking
 
 from keras_distill import callbacks
+from keras_distill import features
 from keras_distill import losses as losses_module
 from keras_distill import sparse
 
@@ -238,6 +239,10 @@ class Distiller(keras.Model):
         student: The `keras.Model` to train; it must return logits.
         teacher: A trained `keras.Model` returning logits of the same shape,
             or `None` when every batch carries the teacher's outputs.
+        feature_distillation: Optional `keras_distill.features.
+            FeatureDistillation` adding hidden-state and attention-map terms;
+            the student then runs once per step through a view returning its
+            logits and the chosen layers' outputs.
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -261,7 +266,7 @@ class Distiller(keras.Model):
     ['accuracy', 'distillation_loss', 'loss', 'student_loss']
     """
 
-    def __init__(self, student, teacher, **kwargs):
+    def __init__(self, student, teacher, feature_distillation=None, **kwargs):
         super().__init__(**kwargs)
         _check_model("student", student)
         if teacher is not None:
@@ -284,6 +289,14 @@ class Distiller(keras.Model):
         self.temperature = None
         # Callbacks such as BackupAndRestore need a built model before `fit`.
         self.built = student.built and (teacher is None or teacher.built)
+        if feature_distillation is not None:
+            if not isinstance(feature_distillation, features.FeatureDistillation):
+                raise TypeError(
+                    "`feature_distillation` must be a keras_distill.features."
+                    f"FeatureDistillation, got {type(feature_distillation)}."
+                )
+            feature_distillation.attach(student, teacher)
+        self.feature_distillation = feature_distillation
 
     def _check_output_sizes(self, student, teacher):
         teacher_classes = None if teacher is None else _class_count(teacher)
@@ -299,6 +312,9 @@ class Distiller(keras.Model):
 
     def _teacher_logits(self, x):
         """The teacher's logits for `x`, as the divergence compares them."""
+        if self.feature_distillation is not None:
+            # One teacher pass for its logits and its mapped layers.
+            return self.feature_distillation.teacher_outputs(x)
         return self.teacher(x, training=False)
 
     def _shared_logits(self, student_logits):
@@ -401,6 +417,11 @@ class Distiller(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def call(self, inputs, training=None):
+        if self.feature_distillation is not None:
+            # One student pass for its logits and its mapped layers.
+            return self.feature_distillation.student_outputs(
+                inputs, training=training
+            )
         return self.student(inputs, training=training)
 
     def _check_output_shapes(self, teacher_logits, student_logits):
@@ -522,6 +543,14 @@ class Distiller(keras.Model):
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         for extra_loss in self.losses:
             loss = loss + ops.cast(ops.sum(extra_loss), "float32")
+        if self.feature_distillation is not None:
+            if teacher_outputs is not None:
+                raise ValueError(
+                    "Feature distillation needs the teacher's intermediate "
+                    "layers, which cached teacher outputs do not carry: pass "
+                    "the teacher model and plain labels as `y`."
+                )
+            loss = loss + self.feature_distillation.compute_loss(sample_weight)
         loss = loss * ops.cast(teacher_finite, "float32")
         loss = loss + ops.stop_gradient(
             ops.where(teacher_finite, 0.0, float("nan"))
@@ -572,20 +601,26 @@ class Distiller(keras.Model):
         return super().evaluate(*args, **kwargs)
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "student": keras.saving.serialize_keras_object(self.student),
             "teacher": keras.saving.serialize_keras_object(self.teacher),
         }
+        if self.feature_distillation is not None:
+            config["feature_distillation"] = (
+                keras.saving.serialize_keras_object(self.feature_distillation)
+            )
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        for key in ("student", "teacher"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
-            )
+        for key in ("student", "teacher", "feature_distillation"):
+            if key in config:
+                config[key] = keras.saving.deserialize_keras_object(
+                    config[key], custom_objects=custom_objects
+                )
         return cls(**config)
 
 
