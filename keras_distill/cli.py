@@ -107,8 +107,8 @@ def _common_options():
     )
     group.add_argument(
         "--output-dir",
-        help="where models, results.json and the PNG plots go (default: "
-        "runs/COMMAND)",
+        help="where models, results.json and the PNG plots go (default: the "
+        "example's, e.g. runs/mnist)",
     )
     return parser
 
@@ -124,7 +124,8 @@ def _training_options():
     group.add_argument(
         "--seeds", type=int, nargs="+", metavar="SEED",
         help="one distilled and one scratch student per seed; results are "
-        "mean ± std over seeds (default: 0 1 2)",
+        "mean ± std over seeds (default: the example's, 0 1 2 for mnist and "
+        "sentiment)",
     )
     group.add_argument(
         "--quick", action="store_true",

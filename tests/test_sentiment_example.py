@@ -215,6 +215,28 @@ def test_padding_is_ignored():
         )
 
 
+def test_one_training_step_updates_every_weight():
+    """Every weight, the position embedding included, is trained."""
+    recipe = example.DEFAULT_RECIPE
+    keras.utils.set_random_seed(0)
+    student = example.build_student(recipe, 50)
+    student.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    token_ids = np.zeros((4, recipe.sequence_length), "int32")
+    token_ids[:, :5] = np.arange(2, 22).reshape(4, 5)
+    before = [w.copy() for w in student.get_weights()]
+    student.train_on_batch(token_ids, np.array([0, 1, 2, 1]))
+    positions = student.get_layer("positions").embeddings
+    assert any(w is positions for w in student.trainable_weights)
+    assert len(student.trainable_weights) == len(before)
+    for weight, old in zip(student.trainable_weights, before):
+        assert not np.array_equal(
+            keras.ops.convert_to_numpy(weight), old
+        ), weight.path
+
+
 def test_quick_run_prints_soft_targets_and_the_table(quick_run):
     _, results, printed = quick_run
     assert "Teacher's soft targets (T = 1 | T = " in printed
