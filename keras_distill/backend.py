@@ -10,10 +10,10 @@ object (`keras_distill.fused` defines them) supplies the maths on one tile as
 pure `keras.ops` functions; this module runs the loops and the custom
 gradient:
 
-- forward, per chunk of rows: pass 1 over the class blocks gathers row
-  statistics (online log-sum-exps), pass 2 (if the loss needs one) row sums
-  that depend on them; `finish` turns them into the chunk's values and the
-  per-row numbers the backward pass needs, which are all it keeps;
+- forward, per chunk of rows: the loss makes one or two passes over the
+  class blocks (online log-sum-exps, then sums that depend on them) and
+  returns the chunk's values and the few numbers per row that are all the
+  backward pass keeps;
 - backward, per chunk and block: the tile's logits are recomputed, the loss
   gives their gradient, and it is written (materialized logits) or
   multiplied out (`grad_embedding[block] += grad_logits.T @ rows_chunk`,
@@ -72,18 +72,19 @@ def chunked_loss(
     Args:
         loss: The per-tile maths, an object (the same one from call to call
             for the same loss: the JAX path compiles once per object) with
-            `num_values` (an int), `two_pass` (a bool) and pure `keras.ops`
-            methods, where `row_chunks` is the tuple of row-constant chunks
-            and `tile` a `Tile`; statistics, sums and saved numbers are dicts
-            of float32 tensors with leading axis `rows`:
-            - `initial_stats(row_chunks)`, `update_stats(stats, tile)`;
-            - `initial_sums(row_chunks)`, `update_sums(stats, sums, tile)`
-              (called only when `two_pass`);
-            - `finish(stats, sums, row_chunks) -> (values, saved)`, `values`
-              a tuple of `num_values` float32 scalars (sums over the rows);
-            - `tile_gradient(saved, cotangents, tile)`: the gradient of
-              `sum(cotangents[i] * values[i])` with respect to
-              `tile.logits`, float32.
+            an int `num_values` and two pure `keras.ops` methods:
+            - `chunk_forward(row_chunks, over_tiles, complete) -> (values,
+              saved)`: the forward pass over one chunk of rows, given the
+              tuple of its row-constant chunks and `over_tiles(step, state)`,
+              which folds `state = step(state, tile)` over the chunk's tiles
+              (a `Tile` each, in class order; call it once per pass);
+              `complete` is True when one tile holds every class. `values`
+              is a tuple of `num_values` float32 scalars (sums over the
+              chunk's rows), `saved` a dict of float32 tensors with leading
+              axis `rows`, all the backward pass gets of the forward pass;
+            - `tile_gradient(saved, cotangents, tile)`: the float32 gradient
+              of `sum(cotangents[i] * values[i])` with respect to
+              `tile.logits`, where `saved` is sliced to the tile's rows.
         rows: `(num_rows, features)`: the logits themselves (no
             `embedding`; then `block_size` is the number of classes) or
             hidden states.
@@ -100,9 +101,8 @@ def chunked_loss(
     Returns:
         The tuple of the `num_values` float32 scalars, summed over all rows.
     """
-    num_classes = rows.shape[1] if embedding is None else embedding.shape[0]
     if embedding is None or block_size is None:
-        block_size = num_classes
+        block_size = _num_classes((rows, embedding))
     args = (
         rows,
         embedding,
@@ -129,6 +129,11 @@ def chunked_loss(
         f"Chunked losses support the jax, tensorflow and torch backends, not "
         f"{backend!r}."
     )
+
+
+def _num_classes(rows_and_embedding):
+    rows, embedding = rows_and_embedding
+    return rows.shape[1] if embedding is None else embedding.shape[0]
 
 
 def project_to_vocabulary(hidden_states, embedding):
@@ -228,17 +233,13 @@ def _jax_loss(loss, chunk_size, block_size, has_embedding):
 
     def chunk_forward(inputs, start, size):
         _, row_chunks, over_blocks = tiles(inputs, start, size)
-        stats = over_blocks(
-            lambda tile, _, stats: loss.update_stats(stats, tile),
-            loss.initial_stats(row_chunks),
+        return loss.chunk_forward(
+            row_chunks,
+            lambda step, state: over_blocks(
+                lambda tile, _, state: step(state, tile), state
+            ),
+            complete=block_size >= _num_classes(inputs[:2]),
         )
-        sums = {}
-        if loss.two_pass:
-            sums = over_blocks(
-                lambda tile, _, sums: loss.update_sums(stats, sums, tile),
-                loss.initial_sums(row_chunks),
-            )
-        return loss.finish(stats, sums, row_chunks)
 
     def forward(*inputs):
         num_rows = inputs[0].shape[0]
@@ -400,17 +401,13 @@ def _tf_chunked_loss(
 
         def chunk_forward(start, size, state):
             _, row_chunks, over_blocks = tiles(start, size)
-            stats = over_blocks(
-                lambda tile, _, stats: loss.update_stats(stats, tile),
-                loss.initial_stats(row_chunks),
+            values, chunk_saved = loss.chunk_forward(
+                row_chunks,
+                lambda step, state: over_blocks(
+                    lambda tile, _, state: step(state, tile), state
+                ),
+                complete=block_size >= num_classes[1],
             )
-            sums = {}
-            if loss.two_pass:
-                sums = over_blocks(
-                    lambda tile, _, sums: loss.update_sums(stats, sums, tile),
-                    loss.initial_sums(row_chunks),
-                )
-            values, chunk_saved = loss.finish(stats, sums, row_chunks)
             if state is None:
                 # The first (remainder) chunk gives the state its structure.
                 saved = keras.tree.map_structure(
@@ -498,17 +495,24 @@ def _tf_for_each(total, static_total, size, step, state):
     """
     import tensorflow as tf
 
-    if static_total is not None:
-        size = max(1, min(size, static_total))
-    num_full = total // size
-    if state is None or static_total is None or static_total % size:
+    if static_total is None:
+        num_full = total // size
         state = step(num_full * size, total - num_full * size, state)
-    if static_total == 0:
-        return state
+    else:
+        # Python ints where the count is known: static shapes throughout.
+        size = max(1, min(size, static_total))
+        num_full, remainder = divmod(static_total, size)
+        if remainder or state is None:
+            state = step(num_full * size, remainder, state)
+        if not num_full:
+            return state
     _, state = tf.while_loop(
         lambda i, _: i < num_full,
         lambda i, state: (i + 1, step(i * size, size, state)),
         (tf.constant(0), state),
+        # One iteration at a time: by default up to 10 run ahead, each with
+        # its own tiles in memory.
+        parallel_iterations=1,
     )
     return state
 
@@ -619,21 +623,24 @@ def _torch_function():
     class TorchChunkedLoss(torch.autograd.Function):
         @staticmethod
         def forward(ctx, settings, rows, embedding, *constants):
-            loss, chunk_size = settings[:2]
+            loss, chunk_size, block_size = settings[:3]
             totals, saved = None, []
             for start, size in chunks(rows.shape[0], chunk_size):
                 _, row_chunks, generate = tiles(
                     settings, rows, embedding, constants, start, size
                 )
-                stats = loss.initial_stats(row_chunks)
-                for _, tile in generate():
-                    stats = loss.update_stats(stats, tile)
-                sums = {}
-                if loss.two_pass:
-                    sums = loss.initial_sums(row_chunks)
+
+
+                def over_tiles(step, state):
                     for _, tile in generate():
-                        sums = loss.update_sums(stats, sums, tile)
-                values, chunk_saved = loss.finish(stats, sums, row_chunks)
+                        state = step(state, tile)
+                    return state
+
+                values, chunk_saved = loss.chunk_forward(
+                    row_chunks,
+                    over_tiles,
+                    complete=block_size >= _num_classes((rows, embedding)),
+                )
                 saved.append(chunk_saved)
                 totals = (
                     list(values)

@@ -67,26 +67,9 @@ def _soft_capped(logits, soft_cap):
     return soft_cap * ops.tanh(logits / soft_cap)
 
 
-def _lse_init(stats, name, like):
-    stats[name + "_max"] = ops.full_like(like, -math.inf)
-    stats[name + "_sum"] = ops.zeros_like(like)
-
-
-def _lse_update(stats, name, values):
-    """Folds the rows of `values` into the running log-sum-exp `name`."""
-    old_max = stats[name + "_max"]
-    new_max = ops.max(values, axis=-1, initial=-math.inf)
-    new_max = ops.maximum(old_max, new_max)
-    # A row with nothing but -inf so far has no finite shift; any will do.
-    shift = ops.where(ops.isfinite(new_max), new_max, 0.0)
-    stats[name + "_max"] = new_max
-    stats[name + "_sum"] = stats[name + "_sum"] * ops.exp(
-        old_max - shift
-    ) + ops.sum(ops.exp(values - ops.expand_dims(shift, -1)), axis=-1)
-
-
-def _lse(stats, name):
-    return stats[name + "_max"] + ops.log(stats[name + "_sum"])
+def _logsumexp_update(running, values):
+    """Folds the rows of `values` into a running log-sum-exp (-inf: empty)."""
+    return ops.logaddexp(running, ops.logsumexp(values, axis=-1))
 
 
 def _class_ids(tile):
@@ -185,7 +168,6 @@ class _TiledLoss:
         self.teacher_soft_cap = teacher_soft_cap
         self.tail = tail
         self.num_values = 1 + has_labels
-        self.two_pass = teacher != "top_k"
 
     def _unpack(self, row_chunks):
         weights, *rest = row_chunks
@@ -216,66 +198,116 @@ class _TiledLoss:
             ops.cast(log_probs, "float32") / self.temperature, axis=-1
         )
 
-    def _terms(self, log_p, log_q):
-        """Elementwise `f(log p, log q)` of the divergence and `∂f/∂log q`."""
+    def _slopes(self, log_p, log_q):
+        """Elementwise `∂f/∂log q` of the divergence's terms."""
+        return self._terms(log_p, log_q, with_values=False)[1]
+
+    def _terms(self, log_p, log_q, with_values=True):
+        """Elementwise `f(log p, log q)` of the divergence and `∂f/∂log q`.
+
+        The terms are None unless `with_values` (the backward pass needs
+        the slopes alone).
+        """
         name = self.divergence
         if name == "forward_kl":
             p = ops.exp(log_p)
-            return p * (log_p - log_q), -p
+            return p * (log_p - log_q) if with_values else None, -p
         q = ops.exp(log_q)
         if name == "reverse_kl":
             log_ratio = log_q - log_p
-            return q * log_ratio, q * (log_ratio + 1.0)
+            terms = q * log_ratio if with_values else None
+            return terms, q * (log_ratio + 1.0)
         if name == "total_variation":
             difference = q - ops.exp(log_p)
-            return 0.5 * ops.abs(difference), 0.5 * ops.sign(difference) * q
+            terms = 0.5 * ops.abs(difference) if with_values else None
+            return terms, 0.5 * ops.sign(difference) * q
         p = ops.exp(log_p)
         if name == "skew_kl":
             skew = self.kwargs["skew"]
             log_mixture = ops.logaddexp(
                 log_p + math.log(skew), log_q + math.log1p(-skew)
             )
-            return p * (log_p - log_mixture), -p * ops.exp(
-                math.log1p(-skew) + log_q - log_mixture
-            )
+            terms = p * (log_p - log_mixture) if with_values else None
+            return terms, -p * ops.exp(math.log1p(-skew) + log_q - log_mixture)
         beta = self.kwargs["beta"]
         log_m = ops.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        slopes = q * (log_q - log_m) / beta
+        if not with_values:
+            return None, slopes
         terms = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
-        return terms / (beta * (1.0 - beta)), q * (log_q - log_m) / beta
+        return terms / (beta * (1.0 - beta)), slopes
+
+    def chunk_forward(self, row_chunks, over_tiles, complete):
+        """Values and saved numbers of one chunk (`backend.chunked_loss`)."""
+        if complete and self.teacher != "top_k" and not self.has_labels:
+            # One tile holds whole rows: one pass with native log-softmaxes,
+            # which the backward pass recomputes rather than keep their
+            # log-sum-exps.
+            sums = over_tiles(
+                lambda _, tile: self._complete_tile_sums(tile),
+                self._initial_sums(row_chunks),
+            )
+            divergence = ops.sum(
+                row_chunks[0] * self.temperature**2 * sums["divergence"]
+            )
+            return (divergence,), {"slope": sums["slope"]}
+        stats = over_tiles(self._update_stats, self._initial_stats(row_chunks))
+        sums = {}
+        if self.teacher != "top_k":
+            sums = over_tiles(
+                lambda sums, tile: self._update_sums(stats, sums, tile),
+                self._initial_sums(row_chunks),
+            )
+        return self._finish(stats, sums, row_chunks)
+
+    def _complete_tile_sums(self, tile):
+        log_q = ops.log_softmax(
+            self._student_logits(tile) / self.temperature, axis=-1
+        )
+        log_p = ops.log_softmax(self._softened_teacher(tile), axis=-1)
+        terms, slopes = self._terms(log_p, log_q)
+        return {
+            "divergence": ops.sum(terms, axis=-1),
+            "slope": ops.sum(slopes, axis=-1),
+        }
 
     # -- pass 1: row statistics --
 
-    def initial_stats(self, row_chunks):
+    def _initial_stats(self, row_chunks):
         weights, _, teacher_rows = self._unpack(row_chunks)
-        stats = {}
-        _lse_init(stats, "student", weights)
+        empty = ops.full_like(weights, -math.inf)
+        stats = {"student_lse": empty}
         if self.has_labels:
             stats["label_logit"] = ops.zeros_like(weights)
             if self.temperature != 1.0:
-                _lse_init(stats, "student_t1", weights)
+                stats["student_lse_t1"] = empty
         if self.teacher == "top_k":
             stats["top_student"] = ops.zeros_like(teacher_rows[0], "float32")
             if self.tail == "bucket":
-                _lse_init(stats, "uncovered", weights)
+                stats["uncovered_lse"] = empty
         else:
-            _lse_init(stats, "teacher", weights)
+            stats["teacher_lse"] = empty
         return stats
 
-    def update_stats(self, stats, tile):
+    def _update_stats(self, stats, tile):
         stats = dict(stats)
         _, labels, teacher_rows = self._unpack(tile.row_constants)
         logits = self._student_logits(tile)
         softened = logits / self.temperature
-        _lse_update(stats, "student", softened)
+        stats["student_lse"] = _logsumexp_update(stats["student_lse"], softened)
         if self.has_labels:
             stats["label_logit"] = stats["label_logit"] + ops.squeeze(
                 _gather_in_tile(logits, ops.expand_dims(labels, -1), tile.offset),
                 -1,
             )
             if self.temperature != 1.0:
-                _lse_update(stats, "student_t1", logits)
+                stats["student_lse_t1"] = _logsumexp_update(
+                    stats["student_lse_t1"], logits
+                )
         if self.teacher != "top_k":
-            _lse_update(stats, "teacher", self._softened_teacher(tile))
+            stats["teacher_lse"] = _logsumexp_update(
+                stats["teacher_lse"], self._softened_teacher(tile)
+            )
             return stats
         _, indices = teacher_rows
         stats["top_student"] = stats["top_student"] + _gather_in_tile(
@@ -288,28 +320,27 @@ class _TiledLoss:
                 tile.offset,
                 ops.shape(softened)[1],
             )
-            _lse_update(
-                stats,
-                "uncovered",
+            stats["uncovered_lse"] = _logsumexp_update(
+                stats["uncovered_lse"],
                 ops.where(ops.greater(covered, 0.0), -math.inf, softened),
             )
         return stats
 
     # -- pass 2 (dense teachers): the divergence's terms and their slope --
 
-    def initial_sums(self, row_chunks):
+    def _initial_sums(self, row_chunks):
         weights = row_chunks[0]
         return {
             "divergence": ops.zeros_like(weights),
             "slope": ops.zeros_like(weights),
         }
 
-    def update_sums(self, stats, sums, tile):
+    def _update_sums(self, stats, sums, tile):
         log_q = self._student_logits(tile) / self.temperature - ops.expand_dims(
-            _lse(stats, "student"), -1
+            stats["student_lse"], -1
         )
         log_p = self._softened_teacher(tile) - ops.expand_dims(
-            _lse(stats, "teacher"), -1
+            stats["teacher_lse"], -1
         )
         terms, slopes = self._terms(log_p, log_q)
         return {
@@ -317,19 +348,19 @@ class _TiledLoss:
             "slope": sums["slope"] + ops.sum(slopes, axis=-1),
         }
 
-    def finish(self, stats, sums, row_chunks):
+    def _finish(self, stats, sums, row_chunks):
         weights, _, teacher_rows = self._unpack(row_chunks)
-        student_lse = _lse(stats, "student")
+        student_lse = stats["student_lse"]
         saved = {"student_lse": student_lse}
         values = []
         if self.has_labels:
             lse_t1 = student_lse
             if self.temperature != 1.0:
-                lse_t1 = saved["student_lse_t1"] = _lse(stats, "student_t1")
+                lse_t1 = saved["student_lse_t1"] = stats["student_lse_t1"]
             values.append(ops.sum(weights * (lse_t1 - stats["label_logit"])))
         if self.teacher != "top_k":
             divergence = sums["divergence"]
-            saved["teacher_lse"] = _lse(stats, "teacher")
+            saved["teacher_lse"] = stats["teacher_lse"]
             saved["slope"] = sums["slope"]
         else:
             log_probs, _ = teacher_rows
@@ -343,7 +374,7 @@ class _TiledLoss:
                 )
             else:
                 log_probs = ops.cast(log_probs, "float32")
-                uncovered_lse = _lse(stats, "uncovered")
+                uncovered_lse = stats["uncovered_lse"]
                 has_tail = ops.isfinite(uncovered_lse)
                 covered_mass = ops.minimum(
                     ops.logsumexp(log_probs, axis=-1), 0.0
@@ -371,10 +402,11 @@ class _TiledLoss:
         cotangents = list(cotangents)
         logits = self._student_logits(tile)
         softened = logits / self.temperature
-        width = ops.shape(logits)[1]
-        student_probs = ops.exp(
-            softened - ops.expand_dims(saved["student_lse"], -1)
-        )
+        if "student_lse" in saved:
+            log_q = softened - ops.expand_dims(saved["student_lse"], -1)
+        else:  # a complete tile (see `chunk_forward`)
+            log_q = ops.log_softmax(softened, axis=-1)
+        student_probs = ops.exp(log_q)
         gradient = 0.0
         if self.has_labels:
             probs_t1 = student_probs
@@ -382,17 +414,17 @@ class _TiledLoss:
                 probs_t1 = ops.exp(
                     logits - ops.expand_dims(saved["student_lse_t1"], -1)
                 )
-            one_hot = ops.cast(
-                ops.equal(_class_ids(tile), ops.expand_dims(labels, -1)),
-                "float32",
+            one_hot = ops.equal(_class_ids(tile), ops.expand_dims(labels, -1))
+            gradient = ops.expand_dims(cotangents.pop(0) * weights, -1) * (
+                probs_t1 - ops.cast(one_hot, "float32")
             )
-            gradient = cotangents.pop(0) * (probs_t1 - one_hot)
         if self.teacher != "top_k":
-            log_p = self._softened_teacher(tile) - ops.expand_dims(
-                saved["teacher_lse"], -1
-            )
-            log_q = softened - ops.expand_dims(saved["student_lse"], -1)
-            _, slopes = self._terms(log_p, log_q)
+            log_p = self._softened_teacher(tile)
+            if "teacher_lse" in saved:
+                log_p = log_p - ops.expand_dims(saved["teacher_lse"], -1)
+            else:
+                log_p = ops.log_softmax(log_p, axis=-1)
+            slopes = self._slopes(log_p, log_q)
             softened_gradient = slopes - student_probs * ops.expand_dims(
                 saved["slope"], -1
             )
@@ -403,20 +435,20 @@ class _TiledLoss:
             probs = _probabilities(ops.cast(log_probs, "float32"))
             mass = ops.sum(probs, axis=-1)
             softened_gradient = _scatter_to_tile(
-                -probs, indices, tile.offset, width
+                -probs, indices, tile.offset, ops.shape(logits)[1]
             )
             if self.tail == "bucket":
                 tail = saved["teacher_tail"]
                 mass = mass + tail
                 covered = _scatter_to_tile(
-                    ops.ones_like(probs), indices, tile.offset, width
+                    ops.ones_like(probs), indices, tile.offset,
+                    ops.shape(logits)[1],
                 )
                 uncovered_share = ops.where(
                     ops.greater(covered, 0.0),
                     0.0,
                     ops.exp(
-                        softened
-                        - ops.expand_dims(saved["uncovered_lse"], -1)
+                        softened - ops.expand_dims(saved["uncovered_lse"], -1)
                     ),
                 )
                 softened_gradient = softened_gradient - ops.expand_dims(
@@ -425,13 +457,16 @@ class _TiledLoss:
             softened_gradient = softened_gradient + student_probs * (
                 ops.expand_dims(mass, -1)
             )
+            # A padding row's targets may be all -inf (NaN once
+            # renormalized): its weight is 0, and so must its gradient be.
+            softened_gradient = ops.where(
+                ops.expand_dims(ops.equal(weights, 0.0), -1),
+                0.0,
+                softened_gradient,
+            )
         # d(T² · D)/d logits = T · dD/d(logits / T).
-        gradient = gradient + (
-            cotangents[0] * self.temperature * softened_gradient
-        )
-        weights = ops.expand_dims(weights, -1)
-        # `where`, not a product alone: a padding row's NaN must not leak.
-        gradient = ops.where(ops.equal(weights, 0.0), 0.0, weights * gradient)
+        row_scale = cotangents[0] * self.temperature * weights
+        gradient = gradient + ops.expand_dims(row_scale, -1) * softened_gradient
         if self.soft_cap is not None:
             gradient = gradient * (1.0 - ops.square(logits / self.soft_cap))
         return gradient
