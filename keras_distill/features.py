@@ -507,6 +507,47 @@ class _Holder:
     """Keeps objects out of Keras tracking and saving (views share weights)."""
 
 
+def inline_graph(model, call_function, role="model"):
+    """Rebuilds `model`'s graph on new inputs, one operation at a time.
+
+    Nested functional and Sequential models (e.g. a KerasHub task's backbone)
+    are inlined, so the result is one flat graph whose operations are the
+    original layers (shared, not copied). It runs on Keras's own functional
+    graph runner (`Functional._run_through_graph`).
+
+    Args:
+        model: A functional/Sequential Keras model or a KerasHub model.
+        call_function: `fn(operation, *args, **kwargs)` returning the
+            operation's outputs on the rebuilt graph, e.g.
+            `operation(*args, **kwargs)`.
+        role: Name of the model in error messages.
+
+    Returns:
+        `(inputs, outputs)`: new `keras.Input`s shaped like the model's and
+        the rebuilt outputs, in the model's structures.
+    """
+    graph = _functional(model, role)
+
+    def call(operation, *args, **kwargs):
+        nested = _nested_graph(operation)
+        if nested is not None:
+            return run_graph(nested, args[0] if args else kwargs["inputs"])
+        return call_function(operation, *args, **kwargs)
+
+    def run_graph(functional, inputs):
+        if hasattr(functional, "_standardize_inputs"):
+            inputs = functional._standardize_inputs(inputs)
+        return functional._run_through_graph(
+            inputs, operation_fn=lambda operation: operation, call_fn=call
+        )
+
+    inputs = keras.tree.map_structure(
+        lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name),
+        graph.input,
+    )
+    return inputs, run_graph(graph, inputs)
+
+
 def build_view(model, taps, role="model"):
     """A functional view of `model` that also returns intermediate outputs.
 
@@ -522,7 +563,6 @@ def build_view(model, taps, role="model"):
     Returns:
         A `keras.Model` returning `[model_output, *tap_outputs]`.
     """
-    graph = _functional(model, role)
     wanted = {}
     for index, (layer, kind) in enumerate(taps):
         if kind == "attention":
@@ -531,9 +571,6 @@ def build_view(model, taps, role="model"):
     found = [None] * len(taps)
 
     def call_function(operation, *args, **kwargs):
-        nested = _nested_graph(operation)
-        if nested is not None:
-            return run_graph(nested, args[0] if args else kwargs["inputs"])
         requests = wanted.get(id(operation), [])
         kinds = {kind for _, kind in requests}
         if any(found[i] is not None for i, _ in requests):
@@ -558,25 +595,20 @@ def build_view(model, taps, role="model"):
             found[index] = outputs if kind == "hidden" else scores
         return outputs
 
-    def run_graph(functional, inputs):
-        if hasattr(functional, "_standardize_inputs"):
-            inputs = functional._standardize_inputs(inputs)
-        return functional._run_through_graph(
-            inputs, operation_fn=lambda operation: operation, call_fn=call_function
+    inputs, outputs = inline_graph(model, call_function, role)
+    outputs = keras.tree.flatten(outputs)
+    if len(outputs) != 1:
+        raise ValueError(
+            f"The {role} returns {len(outputs)} outputs; the Distiller needs "
+            "one logits tensor."
         )
-
-    inputs = keras.tree.map_structure(
-        lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name),
-        graph.input,
-    )
-    outputs = run_graph(graph, inputs)
     missing = [layer.name for (layer, _), out in zip(taps, found) if out is None]
     if missing:
         raise ValueError(
             f"Layers {missing} of the {role} are not on the path from its "
             "inputs to its outputs."
         )
-    return keras.Model(inputs, [outputs, *found], name=f"{model.name}_view")
+    return keras.Model(inputs, [outputs[0], *found], name=f"{model.name}_view")
 
 
 def _nested_graph(operation):

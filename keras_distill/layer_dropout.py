@@ -30,6 +30,7 @@ import keras
 from keras import ops
 
 from keras_distill import losses as losses_module
+from keras_distill.features import inline_graph
 
 
 @keras.saving.register_keras_serializable(package="keras_distill")
@@ -294,12 +295,8 @@ def add_stochastic_depth(model, base_rate, seed=None, blocks=None):
             depth[id(tensor)] = inputs_depth + 1
         return outputs
 
-    return keras.models.clone_model(
-        model,
-        clone_function=lambda layer: layer,
-        call_function=call_function,
-        recursive=True,
-    )
+    inputs, outputs = inline_graph(model, call_function)
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def _shortcut_and_branch(add_layer, args, depth):
@@ -322,11 +319,18 @@ def _shortcut_and_branch(add_layer, args, depth):
 
 
 def _children(layer):
-    return {
-        child.name: child
-        for child in layer._flatten_layers(include_self=False, recursive=False)
-        if not isinstance(child, StochasticDepth)
-    }
+    """Direct sublayers by name, with nested models expanded into theirs.
+
+    Views are flat graphs, so a nested model (a KerasHub backbone) is matched
+    by its layers rather than by itself.
+    """
+    children = {}
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+        if isinstance(child, keras.Model):
+            children.update(_children(child))
+        elif not isinstance(child, (StochasticDepth, keras.layers.InputLayer)):
+            children[child.name] = child
+    return children
 
 
 def _copy_weights_by_name(source, target, path):
@@ -400,12 +404,8 @@ def remove_stochastic_depth(model, into=None):
             return keras.layers.Add()([shortcut, branch])
         return layer(*args, **kwargs)
 
-    return keras.models.clone_model(
-        model,
-        clone_function=lambda layer: layer,
-        call_function=call_function,
-        recursive=True,
-    )
+    inputs, outputs = inline_graph(model, call_function)
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 class StochasticDepthSchedule(keras.callbacks.Callback):

@@ -240,6 +240,14 @@ def test_view_returns_the_model_output_and_the_tapped_layers():
     assert {id(v) for v in view.weights} == {id(v) for v in model.weights}
 
 
+def test_view_of_a_model_with_a_list_of_one_output():
+    model = mlp(6, "net", seed=0)
+    listed = keras.Model(model.inputs, model.outputs)
+    logits, hidden = build_view(listed, [(model.get_layer("net_0"), "hidden")])(data()[0])
+    assert tuple(logits.shape) == (16, NUM_CLASSES)
+    assert tuple(hidden.shape) == (16, 6)
+
+
 def test_view_inlines_nested_models():
     inner = keras.Sequential(
         [keras.Input((NUM_FEATURES,)), keras.layers.Dense(3, name="inner_dense")],

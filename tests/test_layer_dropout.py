@@ -278,6 +278,25 @@ def test_gemma_view_drops_whole_decoder_blocks(gemma):
     )
 
 
+def test_gemma_view_saves_loads_and_copies_back_into_a_causal_lm(gemma, tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    view = add_stochastic_depth(gemma, base_rate=0.2, seed=0)
+    path = str(tmp_path / "view.keras")
+    view.save(path)
+    loaded = keras.saving.load_model(path)
+    x = gemma_inputs()
+    np.testing.assert_allclose(numpy(loaded(x)), numpy(gemma(x)), atol=1e-5)
+    fresh = keras_hub.models.Gemma3CausalLM(
+        backbone=keras_hub.models.Gemma3Backbone.from_config(
+            gemma.backbone.get_config()
+        ),
+        preprocessor=None,
+    )
+    restored = remove_stochastic_depth(loaded, into=fresh)
+    assert restored is fresh
+    np.testing.assert_allclose(numpy(fresh(x)), numpy(gemma(x)), atol=1e-5)
+
+
 def test_gemma_blocks_by_name_and_unknown_names(gemma):
     view = add_stochastic_depth(gemma, base_rate=0.2, blocks=["decoder_block_1"])
     assert [layer.rate for layer in stochastic_depth_layers(view)] == [0.2]
