@@ -12,6 +12,8 @@ nothing is scaled. Deeper blocks are dropped more often: block `l` of `L`
 model in which every residual block goes through a `StochasticDepth` layer.
 The view shares every weight with `model`, so training the view trains
 `model`; keep `model` for inference and export, it has no dropout at all.
+Nested models (a KerasHub task's backbone) are inlined, so the view is one
+flat functional graph that saves and reloads like any functional model.
 Residual blocks are
 
 - on plain Keras functional models, the `keras.layers.Add` layers with two
