@@ -10,13 +10,14 @@ N = 512, V = 262,144, Gemma 3's vocabulary):
   [1e-7, 1] (its value is not a KL of distributions; see the README);
 - `keras_kl`: the same with `loss=keras.losses.KLDivergence()`, the branch
   that applies the softmax: the KL we compute, in probability space;
-- `dense`: `keras_distill.losses.forward_kl`, the same divergence unchunked;
 - `chunked`: `keras_distill.fused.chunked_distillation_loss`, same inputs;
 - `fused`: `keras_distill.fused.fused_distillation_loss` from the student's
   hidden states `(N, H)` and output embedding `(V, H)` to the teacher's
   logits (alpha = 0: the divergence alone), gradients with respect to both;
 - `fused_ce`: the same with next-token labels and alpha = 0.1 (cross-entropy
-  plus divergence, the usual training loss).
+  plus divergence, the usual training loss);
+- `fused_top_k`: `fused_ce` with the teacher's top-256 log-probabilities
+  (Gemma 3's recipe, `tail="renormalize"`) instead of its logits.
 
 Every (backend, loss) runs in a fresh process (`per_backend.run_workers`, one
 call per loss), so no allocator state carries over. The inputs are created as
@@ -26,13 +27,28 @@ TensorFlow: traced into a `tf.function`, as `fit` runs it; PyTorch: eager, as
 2 ms during the first call; the peak minus the RSS just before the call is
 reported in units of one logits tensor (`N · V · 4` bytes). For the fused
 losses it is also given net of the gradients, whose size is fixed
-(`(N + V) · H · 4` bytes). Times are the median over `--repeats` further
-calls; they depend on the machine's load, the memory figures do not.
+(`(N + V) · H · 4` bytes).
+
+Two passes, each a fresh process per (backend, loss):
+
+- with glibc's default allocator settings, which also give the times (the
+  median over `--repeats` calls after the measured one);
+- with `MALLOC_MMAP_THRESHOLD_` fixed at 1 MiB: every buffer of 1 MiB or more
+  gets its own mapping, returned to the system when freed, so RSS follows the
+  live buffers. By default glibc raises that threshold as large buffers are
+  freed (up to 32 MiB) and then serves buffers of a few MiB from its heap,
+  where freed ones stay resident; a loss that allocates many chunk-sized
+  temporaries (ours) then shows up to ~1× one logits tensor of freed memory
+  in its RSS. Dense losses' buffers are far above 32 MiB and mapped either
+  way.
+
+Times depend on the machine's load (it is shared); the memory figures do not.
 
     python benchmarks/lm_loss_memory.py
     python benchmarks/lm_loss_memory.py --backends jax --tokens 128 --vocabulary 32768
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -46,7 +62,12 @@ from per_backend import run_workers
 from per_backend import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSES = ("keras", "keras_kl", "dense", "chunked", "fused", "fused_ce")
+LOSSES = ("keras", "keras_kl", "chunked", "fused", "fused_ce", "fused_top_k")
+# glibc's threshold above which an allocation gets its own mapping, returned
+# to the system when freed (see the module docstring).
+MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD = 2**20
+TOP_K = 256
 
 
 def resident_bytes():
@@ -135,7 +156,6 @@ def build_loss(name, temperature, chunk_size):
     import keras
 
     from keras_distill import fused
-    from keras_distill import losses
 
     if name in ("keras", "keras_kl"):
         loss = "kl_divergence" if name == "keras" else keras.losses.KLDivergence()
@@ -145,12 +165,6 @@ def build_loss(name, temperature, chunk_size):
 
         def loss_fn(student_logits, teacher_logits):
             return distillation.compute_loss(teacher_logits, student_logits)
-
-        inputs = ("student_logits", "teacher_logits")
-    elif name == "dense":
-
-        def loss_fn(student_logits, teacher_logits):
-            return losses.forward_kl(teacher_logits, student_logits, temperature)
 
         inputs = ("student_logits", "teacher_logits")
     elif name == "chunked":
@@ -177,6 +191,24 @@ def build_loss(name, temperature, chunk_size):
             )["loss"]
 
         inputs = ("hidden_states", "embedding", "teacher_logits", "labels")
+    elif name == "fused_top_k":
+
+        def loss_fn(hidden_states, embedding, log_probs, indices, labels):
+            return fused.fused_distillation_loss(
+                hidden_states,
+                embedding,
+                labels,
+                teacher_top_log_probs=log_probs,
+                teacher_top_indices=indices,
+                temperature=temperature,
+                alpha=0.1,
+                chunk_size=chunk_size,
+            )["loss"]
+
+        inputs = (
+            "hidden_states", "embedding", "top_log_probs", "top_indices",
+            "labels",
+        )
     else:
         raise ValueError(name)
     loss_fn.num_differentiable = 2 if name.startswith("fused") else 1
@@ -198,6 +230,15 @@ def make_inputs(names, tokens, vocabulary, hidden_dim):
     for name in names:
         if name == "labels":
             array = rng.integers(0, vocabulary, size=(tokens,), dtype="int32")
+        elif name == "top_indices":
+            # Distinct ids per token: a random permutation's first k.
+            array = np.argsort(
+                rng.random((tokens, vocabulary), dtype="float32"), axis=-1
+            )[:, :TOP_K].astype("int32")
+        elif name == "top_log_probs":
+            logits = rng.standard_normal((tokens, TOP_K), dtype="float32")
+            array = (logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+            array = array.astype("float32") - 1.0  # ~37% of the mass kept
         else:
             array = rng.standard_normal(shapes[name], dtype="float32")
             if name == "teacher_logits" or name == "student_logits":
@@ -261,15 +302,17 @@ def run_worker(args):
 
 def format_table(results):
     lines = [
-        "| backend | loss | value | peak beyond inputs (× logits) | "
-        "beyond inputs and gradients (× logits) | s (median) |",
-        "|---|---|---|---|---|---|",
+        "| backend | loss | value | peak beyond inputs, × logits | "
+        "same, fixed mmap threshold | fixed, net of the gradients | "
+        "s (median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['backend']} | {r['loss']} | {r['value']:.5f} | "
-            f"{r['peak_logits']:.2f} | {r['peak_beyond_gradients_logits']:.2f} "
-            f"| {r['seconds']:.2f} |"
+            f"{r['peak_logits']:.2f} | {r['fixed_peak_logits']:.2f} | "
+            f"{r['fixed_peak_beyond_gradients_logits']:.2f} | "
+            f"{r['seconds']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -277,7 +320,7 @@ def format_table(results):
 def parse_args(argv):
     parser = benchmark_parser(__doc__, "runs/lm_loss_memory.json")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES))
-    parser.add_argument("--loss", help=argparse_suppress())
+    parser.add_argument("--loss", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--vocabulary", type=int, default=262_144)
     parser.add_argument(
@@ -287,16 +330,25 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument(
         "--chunk-size", type=int, default=None,
-        help="tokens per chunk (default: chosen from the vocabulary size)",
+        help="tokens per chunk (default: the losses' defaults)",
     )
     parser.add_argument("--repeats", type=int, default=2)
     return parser.parse_args(argv)
 
 
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+def run_pass(args, worker_args, fixed_mmap_threshold):
+    """One worker per (loss, backend); returns {(backend, loss): result}."""
+    if fixed_mmap_threshold:
+        os.environ[MMAP_THRESHOLD_VARIABLE] = str(MMAP_THRESHOLD)
+    else:
+        os.environ.pop(MMAP_THRESHOLD_VARIABLE, None)
+    results = {}
+    for loss in args.losses:
+        for result in run_workers(
+            __file__, args.backends, worker_args + ["--loss", loss]
+        ):
+            results[result["backend"], loss] = result
+    return results
 
 
 def main(argv=None):
@@ -310,19 +362,19 @@ def main(argv=None):
         "--vocabulary", str(args.vocabulary),
         "--hidden-dim", str(args.hidden_dim),
         "--temperature", str(args.temperature),
-        "--repeats", str(args.repeats),
     ]
     if args.chunk_size is not None:
         worker_args += ["--chunk-size", str(args.chunk_size)]
-    by_loss = {
-        loss: run_workers(__file__, args.backends, worker_args + ["--loss", loss])
-        for loss in args.losses
-    }
-    results = [
-        by_loss[loss][i]
-        for i in range(len(args.backends))
-        for loss in args.losses
-    ]
+    fixed = run_pass(args, worker_args + ["--repeats", "0"], True)
+    default = run_pass(
+        args, worker_args + ["--repeats", str(args.repeats)], False
+    )
+    results = []
+    for key, result in default.items():
+        for name in ("peak_logits", "peak_beyond_gradients_logits"):
+            result["fixed_" + name] = fixed[key][name]
+        results.append(result)
+    results.sort(key=lambda r: args.backends.index(r["backend"]))
     print(format_table(results))
     save_results(results, args.output)
 
