@@ -95,6 +95,11 @@ def test_teacher_that_is_not_a_keras_file(tmp_path, capsys):
 
 
 def test_missing_example_is_a_one_line_error(monkeypatch, tmp_path, capsys):
+    # Neither the installed subpackage nor a source checkout's examples/.
+    monkeypatch.setitem(sys.modules, "keras_distill.examples", None)
+    monkeypatch.delitem(
+        sys.modules, "keras_distill.examples.gemma_distillation", raising=False
+    )
     monkeypatch.setattr(cli, "_EXAMPLES_DIR", tmp_path)
     assert cli.main(["gemma", "--quick"]) == 2
     _one_line_error(

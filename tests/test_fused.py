@@ -493,6 +493,30 @@ def test_fit_with_jit_compile():
         assert_close(actual, expected)
 
 
+def test_out_of_range_labels_in_a_compiled_step_give_nan_and_no_update():
+    """Compiled (JAX, TensorFlow) the ids cannot be checked before use: the
+    loss is NaN and the update zero. Eager (PyTorch) they raise."""
+    rng = np.random.default_rng(1)
+    token_ids = rng.integers(0, CLASSES, size=(4, 8)).astype("int32")
+    y = {
+        "labels": np.full((4, 8), CLASSES + 2, "int32"),
+        "teacher_logits": random_logits(9, shape=(4, 8, CLASSES)),
+        "padding_mask": np.ones((4, 8), "float32"),
+    }
+    model = TiedLanguageModel("fused")
+    model(token_ids[:1])
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+    before = model.get_weights()
+    try:
+        history = model.fit(token_ids, y, batch_size=4, verbose=0)
+    except ValueError as error:
+        assert "`labels` must hold class ids in [0, 13)" in str(error)
+    else:
+        assert math.isnan(history.history["loss"][0])
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
 # ---- bad input ----
 
 
