@@ -17,8 +17,10 @@ import numpy as np
 from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
+from keras_distill import callbacks
 from keras_distill import fused
 from keras_distill import losses
+from keras_distill import on_policy as on_policy_module
 from keras_distill.distiller import TEACHER_LOGITS
 from keras_distill.distiller import TEACHER_TOP_INDICES
 from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
@@ -243,6 +245,11 @@ class CausalLMDistiller(Distiller):
         chunk_size: Tokens per tile of the fused loss (None: its default).
         vocabulary_chunk_size: Vocabulary entries per tile of the fused loss
             (None: its default).
+        on_policy: Optional `keras_distill.on_policy.OnPolicyGeneration`:
+            a share of the steps then distills on the student's own
+            continuations of the batch's prompts, weighting the generated
+            tokens only (on-policy distillation; see that module). `fit`
+            then takes the data as NumPy arrays `x`, `y`, `sample_weight`.
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -273,9 +280,31 @@ class CausalLMDistiller(Distiller):
         fused_loss=False,
         chunk_size=None,
         vocabulary_chunk_size=None,
+        on_policy=None,
         **kwargs,
     ):
         _check_causal_lm("student", student)
+        if isinstance(on_policy, dict):
+            on_policy = keras.saving.deserialize_keras_object(on_policy)
+        if on_policy is not None:
+            if not isinstance(on_policy, on_policy_module.OnPolicyGeneration):
+                raise TypeError(
+                    "`on_policy` must be a keras_distill.on_policy."
+                    f"OnPolicyGeneration, got {type(on_policy).__name__}."
+                )
+            if teacher is None:
+                raise ValueError(
+                    "`on_policy` needs the `teacher` model: it scores the "
+                    "student's generations, which no cache holds."
+                )
+            if fused_loss:
+                raise ValueError(
+                    "`on_policy` works with the dense loss only; pass "
+                    "fused_loss=False."
+                )
+        self.on_policy = on_policy
+        self._generated_batch = None
+        self._on_policy_generator = None
         self.fused_loss = bool(fused_loss)
         self.chunk_size = chunk_size
         self.vocabulary_chunk_size = vocabulary_chunk_size
@@ -378,6 +407,19 @@ class CausalLMDistiller(Distiller):
         pass
 
     def compile(self, optimizer="adam", metrics=None, **kwargs):
+        if self.on_policy is not None:
+            student_metrics = [
+                m for m in [*(metrics or []), *(kwargs.get("weighted_metrics") or [])]
+                if not isinstance(m, callbacks.TeacherStudentMetric)
+            ]
+            if student_metrics:
+                raise ValueError(
+                    "With `on_policy`, compiled `metrics` would compare the "
+                    "student's predictions on generated sequences with the "
+                    f"data's labels ({student_metrics}); compile with teacher "
+                    "metrics only (e.g. keras_distill.TeacherAgreement()), "
+                    "and evaluate label metrics separately."
+                )
         if self.fused_loss:
             if metrics or kwargs.get("weighted_metrics"):
                 raise ValueError(
@@ -392,6 +434,8 @@ class CausalLMDistiller(Distiller):
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def call(self, inputs, training=None):
+        if training and self._generated_batch is not None:
+            inputs, _, _ = self._generated_batch.select(inputs)
         if self.fused_loss:
             return self.student.backbone(inputs, training=training)
         return super().call(inputs, training=training)
@@ -414,10 +458,115 @@ class CausalLMDistiller(Distiller):
     ):
         if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
             sample_weight = x["padding_mask"]
+        if training and self._generated_batch is not None:
+            x, y, sample_weight = self._generated_batch.select(
+                x, y, sample_weight
+            )
         if self.fused_loss:
             return self._compute_fused_loss(x, y, y_pred, sample_weight)
         return super().compute_loss(
             x, y, y_pred, sample_weight=sample_weight, training=training
+        )
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        **kwargs,
+    ):
+        """`Distiller.fit`; with `on_policy`, generation before each step.
+
+        With `on_policy`, `x` must be a dict of NumPy `"token_ids"` and
+        `"padding_mask"` arrays and `y` the labels; the batches are cut here
+        (`keras_distill.on_policy.TrainingBatches`) and an
+        `on_policy.OnPolicyGenerator` callback generates the on-policy ones
+        and logs `on_policy_fraction`, `generation_time_share` and
+        `generated_tokens_per_second`.
+        """
+        if self.on_policy is None:
+            return super().fit(
+                x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                callbacks=callbacks, validation_split=validation_split,
+                validation_data=validation_data, shuffle=shuffle,
+                class_weight=class_weight, sample_weight=sample_weight,
+                **kwargs,
+            )
+        self._check_compiled("fit")
+        unsupported = {
+            "validation_split": validation_split,
+            "class_weight": class_weight,
+            "steps_per_epoch": kwargs.get("steps_per_epoch"),
+        }
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(
+                    f"`{name}` is not supported with `on_policy`; pass "
+                    "`validation_data`, `sample_weight` and whole epochs."
+                )
+        if getattr(self, "steps_per_execution", 1) != 1:
+            raise ValueError(
+                "`on_policy` generates between steps, so compile with "
+                "steps_per_execution=1."
+            )
+        if not isinstance(x, dict) or not {"token_ids", "padding_mask"} <= set(x):
+            raise TypeError(
+                "With `on_policy`, `x` must be a dict of NumPy arrays "
+                "'token_ids' and 'padding_mask' (the batches are cut and "
+                f"generated for here), got {type(x).__name__}."
+            )
+        if y is None:
+            raise ValueError("With `on_policy`, pass the labels `y`.")
+        batch_size = batch_size or 32
+        sequence_length = np.shape(x["token_ids"])[1]
+        self.on_policy.new_tokens(sequence_length)  # checks the prompt length
+        seed = self.on_policy.seed
+        if seed is None:
+            seed = int(np.random.randint(2**31 - 1))
+        batches = on_policy_module.TrainingBatches(
+            x, y, sample_weight, batch_size, shuffle, seed
+        )
+        generated = self._generated_batch
+        if generated is None or (generated.batch_size, generated.sequence_length) != (
+            batch_size, sequence_length
+        ):
+            if generated is not None:
+                raise ValueError(
+                    f"This distiller was fit with batches of shape "
+                    f"{(generated.batch_size, generated.sequence_length)}; "
+                    "on-policy training keeps one shape so nothing recompiles."
+                )
+            self._generated_batch = on_policy_module.GeneratedBatch(
+                batch_size, sequence_length, name="generated_batch"
+            )
+            # The step must be traced again to read the generated batch.
+            self.train_function = None
+        if self._on_policy_generator is None:
+            config = self.on_policy
+            self._on_policy_generator = on_policy_module.SequenceGenerator(
+                self.student,
+                on_policy_module.make_sampler(
+                    config.sampler, config.temperature, seed
+                ),
+                config.stop_token_ids,
+            )
+        generator_callback = on_policy_module.OnPolicyGenerator(
+            self.on_policy, batches, self._generated_batch,
+            self._on_policy_generator, seed,
+        )
+        self.on_policy_callback = generator_callback
+        return super().fit(
+            batches, epochs=epochs, verbose=verbose, shuffle=False,
+            validation_data=validation_data,
+            callbacks=[generator_callback, *(callbacks or [])], **kwargs,
         )
 
     def _fused_teacher(self, x, teacher_outputs):
@@ -505,6 +654,9 @@ class CausalLMDistiller(Distiller):
             fused_loss=self.fused_loss,
             chunk_size=self.chunk_size,
             vocabulary_chunk_size=self.vocabulary_chunk_size,
+            on_policy=None if self.on_policy is None else (
+                keras.saving.serialize_keras_object(self.on_policy)
+            ),
         )
         return config
 

@@ -1,0 +1,638 @@
+"""On-policy and sequence-level distillation for KerasHub causal LMs.
+
+Token-level distillation trains the student on a fixed corpus, text it would
+never write itself. Two remedies, both for `keras_distill.hub.
+CausalLMDistiller`:
+
+- On-policy (GKD-style): `CausalLMDistiller(..., on_policy=
+  OnPolicyGeneration(fraction=...))`. Before each training step, with
+  probability `fraction` (drawn from a seeded generator), the batch's prompts
+  (its first `prompt_length` tokens) are continued by the *current* student
+  with a KerasHub sampler; the step then runs teacher and student on those
+  sequences and minimizes the compiled divergence over the generated tokens
+  only. Otherwise the step is the ordinary supervised one.
+- Sequence-level: `generate_teacher_sequences` generates the teacher's
+  continuations of a prompt set once and returns `(x, labels,
+  sample_weight)` that weight the continuation only; the same
+  `CausalLMDistiller` trains on them with hard crossentropy (`alpha=1`)
+  and/or the teacher's token distributions (`alpha < 1`).
+
+Generation runs outside the compiled training step, in
+`OnPolicyGenerator.on_train_batch_begin`, with the causal LM's own compiled
+`generate_function`, built once and always called with the same shapes, so it
+is never differentiated through and nothing recompiles. The generated batch
+reaches the compiled step through non-trainable variables
+(`GeneratedBatch`), which the step reads in place of the input batch when
+its `active` flag is set: data pipelines (tf.data's prefetch, JAX's
+look-ahead on accelerators) read batches ahead of the step, so only
+variables set between steps carry sequences sampled from the weights of that
+very step.
+"""
+
+import math
+import numbers
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_distill import losses
+
+SAMPLERS = ("greedy", "random", "top_k", "top_p")
+
+
+def _keras_hub():
+    from keras_distill.hub import _keras_hub
+
+    return _keras_hub()
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive integer, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def make_sampler(sampler, temperature=1.0, seed=None):
+    """A KerasHub sampler from a name, or a checked sampler instance.
+
+    Args:
+        sampler: One of `SAMPLERS` (`"greedy"`, `"random"`, `"top_k"`,
+            `"top_p"`), or a `keras_hub.samplers.Sampler`.
+        temperature: Sampling temperature `> 0` for a named sampler; a
+            sampler instance keeps its own (which is checked too).
+        seed: Optional integer seed of a named random sampler.
+
+    Returns:
+        A `keras_hub.samplers.Sampler`.
+
+    Example:
+
+    >>> make_sampler("random", temperature=0.7, seed=1).temperature
+    0.7
+    """
+    samplers = _keras_hub().samplers
+    if isinstance(sampler, samplers.Sampler):
+        losses.check_positive_number("temperature", sampler.temperature)
+        return sampler
+    losses.check_positive_number("temperature", temperature)
+    if sampler == "greedy":
+        return samplers.GreedySampler(temperature=temperature)
+    classes = {
+        "random": samplers.RandomSampler,
+        "top_k": samplers.TopKSampler,
+        "top_p": samplers.TopPSampler,
+    }
+    if sampler not in classes:
+        raise ValueError(
+            f"`sampler` must be one of {SAMPLERS} or a "
+            f"`keras_hub.samplers.Sampler`, got {sampler!r}."
+        )
+    return classes[sampler](temperature=temperature, seed=seed)
+
+
+class SequenceGenerator:
+    """Continues prompts with a causal LM's compiled `generate_function`.
+
+    The generator is a second causal LM of the same class sharing the model's
+    backbone (so it always reads the model's current weights) with its own
+    sampler; its generate function is made once. Every call gets inputs of
+    the same shape `(batch_size, length)`, so it compiles once.
+
+    Args:
+        causal_lm: A `keras_hub.models.CausalLM`.
+        sampler: A `keras_hub.samplers.Sampler`.
+        stop_token_ids: Optional tuple of token ids that end a continuation.
+
+    Example:
+
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.Gemma3Backbone(
+    ...     vocabulary_size=20, image_size=None, num_layers=1,
+    ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
+    ...     intermediate_dim=16, head_dim=8)
+    >>> model = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
+    >>> generator = SequenceGenerator(model, make_sampler("greedy"))
+    >>> token_ids, mask = generator(
+    ...     np.ones((2, 5), "int32"), np.array([[1, 1, 0, 0, 0]] * 2, bool))
+    >>> token_ids.shape, mask.all()
+    ((2, 5), True)
+    """
+
+    def __init__(self, causal_lm, sampler, stop_token_ids=None):
+        self.model = type(causal_lm)(
+            backbone=causal_lm.backbone, preprocessor=None
+        )
+        self.model.compile(sampler=sampler)
+        self.stop_token_ids = (
+            None if stop_token_ids is None else tuple(stop_token_ids)
+        )
+        self.generate_function = self.model.make_generate_function()
+
+    def __call__(self, token_ids, padding_mask):
+        """Fills the positions `padding_mask` leaves free.
+
+        Args:
+            token_ids: int32 array `(batch, length)`, prompts left-aligned.
+            padding_mask: bool array, True on prompt tokens.
+
+        Returns:
+            `(token_ids, padding_mask)` NumPy arrays: the prompts with their
+            continuations, and True on every real token (all of them, or
+            up to and including a stop token).
+        """
+        outputs = self.generate_function(
+            {
+                "token_ids": ops.convert_to_tensor(token_ids, "int32"),
+                "padding_mask": ops.convert_to_tensor(padding_mask, "bool"),
+            },
+            stop_token_ids=self.stop_token_ids,
+        )
+        return (
+            ops.convert_to_numpy(outputs["token_ids"]).astype("int32"),
+            ops.convert_to_numpy(outputs["padding_mask"]).astype(bool),
+        )
+
+
+def _check_room(prompt_length, max_new_tokens, sequence_length):
+    if prompt_length > sequence_length:
+        raise ValueError(
+            f"Prompts of `prompt_length`={prompt_length} tokens are longer "
+            f"than the sequence length {sequence_length}: use shorter "
+            "prompts or longer sequences."
+        )
+    if prompt_length == sequence_length:
+        raise ValueError(
+            f"Prompts of `prompt_length`={prompt_length} tokens fill the "
+            f"whole sequence length {sequence_length}, leaving no room to "
+            "generate: use shorter prompts or longer sequences."
+        )
+    if max_new_tokens is not None and (
+        prompt_length + max_new_tokens > sequence_length
+    ):
+        raise ValueError(
+            f"`max_new_tokens`={max_new_tokens} after prompts of "
+            f"{prompt_length} tokens exceed the sequence length "
+            f"{sequence_length}; use at most "
+            f"{sequence_length - prompt_length} new tokens."
+        )
+
+
+def continuation_batch(
+    generator, prompt_ids, prompt_mask, max_new_tokens, sequence_length
+):
+    """Generates continuations and returns them as a training batch.
+
+    Args:
+        generator: A `SequenceGenerator`.
+        prompt_ids: int32 array `(batch, prompt_length)`, prompts
+            left-aligned.
+        prompt_mask: bool array of the same shape, True on prompt tokens.
+        max_new_tokens: Tokens generated after the longest prompt.
+        sequence_length: Length of the returned sequences (zero-padded).
+
+    Returns:
+        `(x, labels, sample_weight)`: `x` a dict of `"token_ids"` and
+        `"padding_mask"` of shape `(batch, sequence_length)`, the labels the
+        tokens shifted by one, and weights 1 exactly where the label is a
+        generated token (prompt tokens and padding weigh 0).
+    """
+    batch, prompt_length = prompt_ids.shape
+    length = prompt_length + max_new_tokens
+    token_ids = np.zeros((batch, length), "int32")
+    padding_mask = np.zeros((batch, length), bool)
+    token_ids[:, :prompt_length] = np.where(prompt_mask, prompt_ids, 0)
+    padding_mask[:, :prompt_length] = prompt_mask
+    generated_ids, generated_mask = generator(token_ids, padding_mask)
+    new_tokens = generated_mask & ~padding_mask
+    pad = sequence_length - length
+    generated_ids = np.pad(generated_ids * generated_mask, ((0, 0), (0, pad)))
+    generated_mask = np.pad(generated_mask, ((0, 0), (0, pad)))
+    new_tokens = np.pad(new_tokens, ((0, 0), (0, pad)))
+    labels = np.pad(generated_ids[:, 1:], ((0, 0), (0, 1)))
+    sample_weight = np.pad(new_tokens[:, 1:], ((0, 0), (0, 1)))
+    x = {"token_ids": generated_ids, "padding_mask": generated_mask}
+    return x, labels, sample_weight.astype("float32")
+
+
+def _as_prompts(prompts):
+    if isinstance(prompts, dict):
+        if set(prompts) != {"token_ids", "padding_mask"}:
+            raise ValueError(
+                "`prompts` as a dict needs exactly 'token_ids' and "
+                f"'padding_mask', got {sorted(prompts)}."
+            )
+        token_ids = np.asarray(prompts["token_ids"], "int32")
+        padding_mask = np.asarray(prompts["padding_mask"], bool)
+    else:
+        token_ids = np.asarray(prompts)
+        if not np.issubdtype(token_ids.dtype, np.integer):
+            raise TypeError(
+                "`prompts` must be an integer array of token ids (or a dict "
+                f"with 'token_ids' and 'padding_mask'), got {token_ids.dtype}."
+            )
+        token_ids = token_ids.astype("int32")
+        padding_mask = np.ones(token_ids.shape, bool)
+    if token_ids.ndim != 2 or token_ids.shape != padding_mask.shape:
+        raise ValueError(
+            "`prompts` must be 2-D `(num_prompts, prompt_length)` with a "
+            f"padding mask of the same shape, got {token_ids.shape} and "
+            f"{padding_mask.shape}."
+        )
+    return token_ids, padding_mask
+
+
+def generate_teacher_sequences(
+    teacher,
+    prompts,
+    max_new_tokens,
+    sequence_length=None,
+    sampler="greedy",
+    temperature=1.0,
+    seed=None,
+    batch_size=32,
+    stop_token_ids=None,
+):
+    """Generates the teacher's continuations once, for sequence-level KD.
+
+    The result trains a `CausalLMDistiller` on what the teacher writes:
+    `alpha=1` is sequence-level distillation with hard labels (the
+    teacher's tokens); `alpha < 1` adds the teacher's token distributions on
+    the same sequences. Only continuation tokens carry weight.
+
+    Args:
+        teacher: The teacher `keras_hub.models.CausalLM`.
+        prompts: int array `(num_prompts, prompt_length)` of prompt tokens,
+            or a dict of `"token_ids"` and `"padding_mask"` for prompts of
+            different lengths (left-aligned).
+        max_new_tokens: Tokens to generate after the longest prompt.
+        sequence_length: Length of the returned sequences; defaults to
+            `prompt_length + max_new_tokens`.
+        sampler: One of `SAMPLERS` or a `keras_hub.samplers.Sampler`.
+        temperature: Sampling temperature `> 0` of a named sampler.
+        seed: Optional integer seed of a named random sampler.
+        batch_size: Prompts generated per call (the last batch is padded, so
+            generation compiles once).
+        stop_token_ids: Optional token ids ending a continuation (the stop
+            token is trained, what follows is padding).
+
+    Returns:
+        `(x, labels, sample_weight)` NumPy arrays as `fit` takes them.
+
+    Example:
+
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.Gemma3Backbone(
+    ...     vocabulary_size=20, image_size=None, num_layers=1,
+    ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
+    ...     intermediate_dim=16, head_dim=8)
+    >>> teacher = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
+    >>> x, labels, weight = generate_teacher_sequences(
+    ...     teacher, np.full((3, 2), 2), max_new_tokens=3, sequence_length=6)
+    >>> weight.tolist()[0]
+    [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    """
+    from keras_distill.hub import _check_causal_lm
+
+    _check_causal_lm("teacher", teacher)
+    prompt_ids, prompt_mask = _as_prompts(prompts)
+    _check_positive_int("max_new_tokens", max_new_tokens)
+    _check_positive_int("batch_size", batch_size)
+    prompt_length = prompt_ids.shape[1]
+    if sequence_length is None:
+        sequence_length = prompt_length + max_new_tokens
+    _check_positive_int("sequence_length", sequence_length)
+    _check_room(prompt_length, max_new_tokens, sequence_length)
+    generator = SequenceGenerator(
+        teacher, make_sampler(sampler, temperature, seed), stop_token_ids
+    )
+    count = len(prompt_ids)
+    parts = []
+    for start in range(0, count, batch_size):
+        ids = prompt_ids[start : start + batch_size]
+        mask = prompt_mask[start : start + batch_size]
+        real = len(ids)
+        if real < batch_size:
+            fill = batch_size - real
+            ids = np.concatenate([ids, np.repeat(ids[:1], fill, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
+        batch = continuation_batch(
+            generator, ids, mask, max_new_tokens, sequence_length
+        )
+        parts.append(keras.tree.map_structure(lambda a: a[:real], batch))
+    return keras.tree.map_structure(lambda *a: np.concatenate(a), *parts)
+
+
+@keras.saving.register_keras_serializable(package="keras_distill")
+class OnPolicyGeneration:
+    """How a `CausalLMDistiller` mixes in the student's own generations.
+
+    Before each training step, with probability `fraction` (drawn from a
+    generator seeded by `seed`, the epoch and the step), the batch's prompts,
+    its first `prompt_length` tokens, are continued by the current student
+    for `max_new_tokens` tokens; the step then distills on those sequences,
+    weighting only the generated tokens. `fraction=0` is plain token-level
+    distillation, `fraction=1` on-policy distillation at every step (GKD's
+    `lmbda`). Compile with `alpha=0` as GKD does: the hard-label term would
+    otherwise train the student on its own samples.
+
+    Args:
+        fraction: Probability in `[0, 1]` that a step is on-policy.
+        prompt_length: Number of leading tokens of each training example used
+            as its prompt.
+        max_new_tokens: Tokens generated after the prompt; defaults to the
+            rest of the sequence.
+        sampler: One of `SAMPLERS` or a `keras_hub.samplers.Sampler`.
+        temperature: Sampling temperature `> 0` of a named sampler.
+        seed: Integer seed of the step draws and of a named sampler; `None`
+            draws one from NumPy's global generator at `fit`.
+        stop_token_ids: Optional token ids that end a generation.
+
+    Example:
+
+    >>> config = OnPolicyGeneration(fraction=0.5, prompt_length=4, seed=0)
+    >>> OnPolicyGeneration.from_config(config.get_config()).fraction
+    0.5
+    """
+
+    def __init__(
+        self,
+        fraction=0.5,
+        prompt_length=8,
+        max_new_tokens=None,
+        sampler="random",
+        temperature=1.0,
+        seed=None,
+        stop_token_ids=None,
+    ):
+        losses.check_unit_interval("fraction", fraction)
+        _check_positive_int("prompt_length", prompt_length)
+        _check_positive_int("max_new_tokens", max_new_tokens, allow_none=True)
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+        ):
+            raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
+        if isinstance(sampler, dict):
+            sampler = _keras_hub().samplers.deserialize(sampler)
+        make_sampler(sampler, temperature, seed)  # checks name and temperature
+        self.fraction = float(fraction)
+        self.prompt_length = int(prompt_length)
+        self.max_new_tokens = max_new_tokens
+        self.sampler = sampler
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.stop_token_ids = (
+            None if stop_token_ids is None else [int(t) for t in stop_token_ids]
+        )
+
+    def get_config(self):
+        sampler = self.sampler
+        if not isinstance(sampler, str):
+            sampler = _keras_hub().samplers.serialize(sampler)
+        return {
+            "fraction": self.fraction,
+            "prompt_length": self.prompt_length,
+            "max_new_tokens": self.max_new_tokens,
+            "sampler": sampler,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "stop_token_ids": self.stop_token_ids,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def new_tokens(self, sequence_length):
+        """Tokens generated per example for sequences of this length."""
+        _check_room(self.prompt_length, self.max_new_tokens, sequence_length)
+        if self.max_new_tokens is None:
+            return sequence_length - self.prompt_length
+        return self.max_new_tokens
+
+
+class GeneratedBatch(keras.layers.Layer):
+    """Non-trainable variables carrying a generated batch into the step.
+
+    `select` returns the generated batch when `active` is set and the given
+    one otherwise; the compiled step calls it, so a flag and four arrays of
+    fixed shape are all that change between steps.
+
+    Args:
+        batch_size: Examples per batch.
+        sequence_length: Tokens per example.
+    """
+
+    def __init__(self, batch_size, sequence_length, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+        self.sequence_length = sequence_length
+        shape = (batch_size, sequence_length)
+
+        def variable(name, dtype, shape=shape):
+            return self.add_weight(
+                shape=shape, dtype=dtype, initializer="zeros",
+                trainable=False, name=name,
+            )
+
+        self.active = variable("active", "int32", shape=())
+        self.token_ids = variable("token_ids", "int32")
+        self.padding_mask = variable("padding_mask", "int32")
+        self.labels = variable("labels", "int32")
+        self.sample_weight = variable("sample_weight", "float32")
+
+    def assign(self, x, labels, sample_weight):
+        self.token_ids.assign(x["token_ids"])
+        self.padding_mask.assign(x["padding_mask"].astype("int32"))
+        self.labels.assign(labels)
+        self.sample_weight.assign(sample_weight)
+
+    def select(self, x, y=None, sample_weight=None):
+        """`(x, y, sample_weight)`, replaced by the generated batch if active."""
+        active = ops.cast(ops.convert_to_tensor(self.active), "bool")
+        token_ids = ops.convert_to_tensor(self.token_ids)
+        padding_mask = ops.cast(ops.convert_to_tensor(self.padding_mask), "bool")
+        x = dict(
+            x,
+            token_ids=ops.where(
+                active, token_ids, ops.cast(x["token_ids"], "int32")
+            ),
+            padding_mask=ops.where(
+                active, padding_mask, ops.cast(x["padding_mask"], "bool")
+            ),
+        )
+        if y is not None:
+            y = ops.where(
+                active,
+                ops.convert_to_tensor(self.labels),
+                ops.cast(y, "int32"),
+            )
+        if sample_weight is not None:
+            sample_weight = ops.where(
+                active,
+                ops.convert_to_tensor(self.sample_weight),
+                ops.cast(sample_weight, "float32"),
+            )
+        return x, y, sample_weight
+
+
+class TrainingBatches(keras.utils.PyDataset):
+    """Fixed-size training batches, shuffled per epoch from a seed.
+
+    Batch `i` of epoch `e` is a pure function of `(seed, e, i)`, so the
+    `OnPolicyGenerator` callback reads the same batch's prompts as the step
+    receives, however far ahead the data pipeline reads. A last, smaller
+    batch is filled up with zero-weight copies of its first rows, so every
+    batch has the same shape.
+
+    Args:
+        x: Dict of `"token_ids"` and `"padding_mask"` arrays.
+        labels: Label array.
+        sample_weight: Weight array (defaults to the padding mask).
+        batch_size: Examples per batch.
+        shuffle: Whether each epoch permutes the examples.
+        seed: Integer seed of the permutations.
+    """
+
+    def __init__(self, x, labels, sample_weight, batch_size, shuffle, seed):
+        super().__init__()
+        self.x = {key: np.asarray(value) for key, value in x.items()}
+        self.labels = np.asarray(labels)
+        if sample_weight is None:
+            sample_weight = self.x["padding_mask"]
+        self.sample_weight = np.asarray(sample_weight, "float32")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.count = len(self.labels)
+
+    def __len__(self):
+        return math.ceil(self.count / self.batch_size)
+
+    def indices(self, epoch, index):
+        order = np.arange(self.count)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(
+                self.count
+            )
+        rows = order[index * self.batch_size : (index + 1) * self.batch_size]
+        return rows
+
+    def batch(self, epoch, index):
+        rows = self.indices(epoch, index)
+        fill = self.batch_size - len(rows)
+        all_rows = np.concatenate([rows, np.repeat(rows[:1], fill)])
+        x = {key: value[all_rows] for key, value in self.x.items()}
+        weight = self.sample_weight[all_rows].copy()
+        weight[len(rows) :] = 0.0
+        return x, self.labels[all_rows], weight
+
+    def __getitem__(self, index):
+        return self.batch(self.epoch, index)
+
+
+class OnPolicyGenerator(keras.callbacks.Callback):
+    """Generates each on-policy batch just before its step, and logs it.
+
+    `CausalLMDistiller.fit` adds it when the distiller has `on_policy`. At
+    each step's begin it draws whether the step is on-policy; if so it
+    continues the step's prompts with the current student and writes the
+    batch into the distiller's `GeneratedBatch`. Each epoch's logs get
+    `on_policy_fraction` (share of on-policy steps), `generation_seconds`,
+    `generation_time_share` (generation time over the epoch's training
+    time, from its start to its last step's end) and
+    `generated_tokens_per_second`.
+
+    Args:
+        config: The `OnPolicyGeneration`.
+        batches: The `TrainingBatches` the step reads.
+        generated: The distiller's `GeneratedBatch`.
+        generator: A `SequenceGenerator` of the student.
+        seed: Integer seed of the step draws.
+    """
+
+    def __init__(self, config, batches, generated, generator, seed):
+        super().__init__()
+        self.config = config
+        self.batches = batches
+        self.generated = generated
+        self.generator = generator
+        self.seed = seed
+        self.new_tokens = config.new_tokens(batches.x["token_ids"].shape[1])
+        self._active = False
+        self.last_batch = None
+
+    def is_on_policy(self, epoch, step):
+        """The seeded Bernoulli(`fraction`) draw of one step."""
+        draw = np.random.default_rng([self.seed, epoch, step]).random()
+        return bool(draw < self.config.fraction)
+
+    def _set_active(self, active):
+        if active != self._active:
+            # `self.model` syncs the JAX trainer's state into the variables
+            # and makes the trainer read them back after this callback.
+            self.model  # noqa: B018
+            self.generated.active.assign(int(active))
+            self._active = active
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self.batches.epoch = epoch
+        self._epoch_start = time.perf_counter()
+        self._last_batch_end = None
+        self._steps = self._on_policy_steps = 0
+        self._generation_seconds = 0.0
+        self._generated_tokens = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._steps += 1
+        if not self.is_on_policy(self._epoch, batch):
+            self._set_active(False)
+            return
+        self.model  # noqa: B018  (current weights; see `_set_active`)
+        start = time.perf_counter()
+        x, _, weight = self.batches.batch(self._epoch, batch)
+        length = self.config.prompt_length
+        prompt_mask = x["padding_mask"][:, :length].astype(bool)
+        generated = continuation_batch(
+            self.generator,
+            x["token_ids"][:, :length],
+            prompt_mask,
+            self.new_tokens,
+            x["token_ids"].shape[1],
+        )
+        # Filler rows of a last, smaller batch keep their zero weight.
+        generated[2][weight.sum(axis=1) == 0] = 0.0
+        self._generation_seconds += time.perf_counter() - start
+        self._generated_tokens += int(generated[2].sum())
+        self._on_policy_steps += 1
+        self.generated.assign(*generated)
+        self.last_batch = generated
+        self._set_active(True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._last_batch_end = time.perf_counter()
+
+    def on_test_begin(self, logs=None):
+        self._set_active(False)
+
+    def on_train_end(self, logs=None):
+        self._set_active(False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self._last_batch_end is None:
+            return
+        train_seconds = self._last_batch_end - self._epoch_start
+        logs["on_policy_fraction"] = self._on_policy_steps / self._steps
+        logs["generation_seconds"] = self._generation_seconds
+        logs["generation_time_share"] = self._generation_seconds / train_seconds
+        logs["generated_tokens_per_second"] = (
+            self._generated_tokens / self._generation_seconds
+            if self._generation_seconds
+            else 0.0
+        )
