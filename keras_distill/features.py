@@ -11,7 +11,10 @@
   grouping them, or an explicit head mapping; padded queries do not count.
 
 Both are masked by the Distiller's `sample_weight` (for language models the
-padding mask) and added to the logits loss:
+padding mask) and by the input's `padding_mask` (a BERT classifier's batch,
+whose `sample_weight` is per example): padded positions count for no
+attention query and no `(batch, sequence, features)` hidden state. They are
+added to the logits loss:
 `loss = alpha·hard + (1-alpha)·T²·divergence + weight·hidden +
 attention_weight·attention`.
 
@@ -42,6 +45,10 @@ scaled, soft-capped masked softmax of `CachedGemma3Attention`'s non-fused
 path. This repeats the query and key projections of each chosen block (not
 the whole block); the tests check that these probabilities times the block's
 values reproduce its attention output exactly.
+A KerasHub `TransformerEncoder` (the blocks of `BertBackbone` and other
+BERT-style encoders) is called once with `return_attention_scores=True`,
+giving its self-attention's probabilities (before dropout), with the
+padding mask applied to the keys.
 
 The projections train with the student, are saved with the Distiller (they
 are weights of the `FeatureDistillation` layer it holds), and are not part
@@ -488,18 +495,50 @@ class _AttentionWithScores(keras.layers.Layer):
         )
 
 
+class _EncoderWithScores(keras.layers.Layer):
+    """Calls a KerasHub `TransformerEncoder` once, returning its attention
+    probabilities too (its self-attention's, before dropout)."""
+
+    def __init__(self, encoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+
+    def call(self, inputs, padding_mask=None, attention_mask=None, training=None):
+        return self.encoder(
+            inputs,
+            padding_mask=padding_mask,
+            attention_mask=attention_mask,
+            training=training,
+            return_attention_scores=True,
+        )
+
+
 def _is_gemma3_block(layer):
     return type(layer).__name__ == "Gemma3DecoderBlock"
 
 
+def _is_transformer_encoder(layer):
+    """A KerasHub `TransformerEncoder` (BERT-style block) or a subclass."""
+    return any(
+        cls.__name__ == "TransformerEncoder"
+        and cls.__module__.startswith("keras_hub")
+        for cls in type(layer).__mro__
+    )
+
+
 def _check_attention_support(layer, role):
-    if isinstance(layer, keras.layers.MultiHeadAttention) or _is_gemma3_block(layer):
+    if (
+        isinstance(layer, keras.layers.MultiHeadAttention)
+        or _is_gemma3_block(layer)
+        or _is_transformer_encoder(layer)
+    ):
         return
     raise ValueError(
         f"Attention maps of the {role}'s layer {layer.name!r} "
         f"({type(layer).__name__}) are not available: attention distillation "
         "supports keras.layers.MultiHeadAttention layers (by name) and "
-        "KerasHub Gemma3DecoderBlock blocks (by index)."
+        "KerasHub Gemma3DecoderBlock and TransformerEncoder (BERT-style) "
+        "blocks (by index)."
     )
 
 
@@ -583,6 +622,8 @@ def build_view(model, taps, role="model"):
             operation, keras.layers.MultiHeadAttention
         ):
             outputs, scores = _AttentionWithScores(operation)(*args, **kwargs)
+        elif "attention" in kinds and _is_transformer_encoder(operation):
+            outputs, scores = _EncoderWithScores(operation)(*args, **kwargs)
         else:
             outputs = operation(*args, **kwargs)
         if "attention" in kinds and scores is None:
@@ -626,6 +667,20 @@ def _padding_mask_of(x):
     if isinstance(x, dict) and "padding_mask" in x:
         return x["padding_mask"]
     return None
+
+
+def _position_weights(sample_weight, padding_mask):
+    """Per-position weights `(batch, sequence)`: the input padding mask times
+    per-example (or per-token) `sample_weight`; `sample_weight` without one."""
+    if padding_mask is None:
+        return sample_weight
+    mask = ops.cast(padding_mask, "float32")
+    if sample_weight is None:
+        return mask
+    weights = ops.cast(sample_weight, "float32")
+    if len(weights.shape) == 1:
+        weights = ops.expand_dims(weights, -1)
+    return weights * mask
 
 
 def attention_similarity(
@@ -695,6 +750,7 @@ class _Taps:
     def __init__(self):
         self.student = None
         self.teacher = None
+        self.padding_mask = None
 
 
 @keras.saving.register_keras_serializable(package="keras_distill")
@@ -915,6 +971,7 @@ class FeatureDistillation(keras.layers.Layer):
         """Runs the student's view once: returns its logits, keeps the taps."""
         outputs = self._views.student(inputs, training=training)
         self._taps.student = outputs[1:]
+        self._taps.padding_mask = _padding_mask_of(inputs)
         return outputs[0]
 
     def teacher_outputs(self, inputs):
@@ -942,19 +999,25 @@ class FeatureDistillation(keras.layers.Layer):
                 "FeatureDistillation.compute_loss needs this step's student "
                 "and teacher outputs: call it from the Distiller's step."
             )
+        # Padded positions of the input (`x["padding_mask"]`, e.g. a BERT
+        # classifier's batch, whose `sample_weight` is per example) count
+        # for no attention query and no (batch, sequence, features) state.
+        position_weights = _position_weights(sample_weight, self._taps.padding_mask)
+        self._taps.padding_mask = None
         hidden, attention = [], []
         projection_index = 0
         for (pair, kind), s, t in zip(self._tap_kinds(), student_taps, teacher_taps):
             if kind == "attention":
                 attention.append(
-                    attention_map_loss(s, t, sample_weight, self.attention_heads)
+                    attention_map_loss(s, t, position_weights, self.attention_heads)
                 )
                 continue
             if self.projection:
                 s = self.projections[projection_index](s)
                 projection_index += 1
+            weights = position_weights if len(t.shape) == 3 else sample_weight
             hidden.append(
-                hidden_state_loss(s, t, self.loss, sample_weight, self.normalize)
+                hidden_state_loss(s, t, self.loss, weights, self.normalize)
             )
         total = ops.zeros((), "float32")
         batch_size = ops.shape(student_taps[0])[0]

@@ -518,6 +518,126 @@ def test_attention_strategy_finds_the_matching_teacher_layers():
     ]
 
 
+# ---- KerasHub BERT-style encoders ----
+
+
+def bert(num_layers, hidden_dim, heads, seed):
+    keras_hub = pytest.importorskip("keras_hub")
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30,
+        num_layers=num_layers,
+        num_heads=heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
+        max_sequence_length=8,
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone, num_classes=3, preprocessor=None, activation=None
+    )
+
+
+@pytest.fixture(scope="module")
+def bert_pair():
+    return bert(2, 8, 2, seed=0), bert(4, 16, 4, seed=1)
+
+
+def bert_batch(batch=4, length=6, seed=0):
+    rng = np.random.default_rng(seed)
+    padding_mask = np.ones((batch, length), "int32")
+    padding_mask[0, -3:] = 0
+    padding_mask[1, -1:] = 0
+    x = {
+        "token_ids": rng.integers(1, 30, size=(batch, length)).astype("int32"),
+        "segment_ids": np.zeros((batch, length), "int32"),
+        "padding_mask": padding_mask,
+    }
+    return x, rng.integers(0, 3, size=(batch,)).astype("int32")
+
+
+def test_bert_attention_maps_are_the_blocks_and_mask_padded_keys(bert_pair):
+    _, teacher = bert_pair
+    x, _ = bert_batch()
+    blocks = teacher.backbone.transformer_layers
+    view = build_view(teacher, [(blocks[1], "attention"), (blocks[3], "hidden")])
+    logits, probs, hidden = view(x)
+    np.testing.assert_allclose(numpy(logits), numpy(teacher(x)), atol=1e-5)
+    probs = numpy(probs)
+    assert probs.shape == (4, 4, 6, 6)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # Padded keys get no attention.
+    assert np.all(probs[0, :, :, -3:] < 1e-6) and np.all(probs[1, :, :, -1] < 1e-6)
+    # The same maps the block returns when asked for its scores.
+    block_input = build_view(teacher, [(blocks[0], "hidden")])(x)[1]
+    _, expected = blocks[1](
+        block_input, padding_mask=x["padding_mask"], return_attention_scores=True
+    )
+    np.testing.assert_allclose(probs, numpy(expected), atol=1e-5)
+    assert numpy(hidden).shape == (4, 6, 16)
+
+
+def test_bert_feature_terms_ignore_padded_positions(bert_pair):
+    student, teacher = bert_pair
+    fd = FeatureDistillation(pairs="uniform", weight=1.0, attention_weight=1.0)
+    distiller = Distiller(student, teacher, feature_distillation=fd)
+    assert fd.pairs == [(0, 1), (1, 3)]
+    distiller.compile(optimizer="sgd", alpha=0.5, student_loss_fn=keras.losses.
+                      SparseCategoricalCrossentropy(from_logits=True))
+    x, y = bert_batch()
+    changed = dict(x, token_ids=np.where(x["padding_mask"] == 1, x["token_ids"], 7))
+    # The padded tokens do change the states at padded positions ...
+    taps = [(student.backbone.transformer_layers[1], "hidden")]
+    view = build_view(student, taps)
+    assert not np.allclose(numpy(view(x)[1])[0, -1], numpy(view(changed)[1])[0, -1])
+    # ... but no term of the loss.
+    before = distiller.evaluate(x, y, return_dict=True, verbose=0)
+    after = distiller.evaluate(changed, y, return_dict=True, verbose=0)
+    for key in ("loss", "feature_loss", "attention_loss"):
+        assert before[key] > 0
+        np.testing.assert_allclose(before[key], after[key], rtol=1e-5)
+
+
+def test_bert_pair_distills_hidden_states_and_attention(bert_pair):
+    teacher = bert_pair[1]
+    student = bert(2, 8, 2, seed=0)  # a fresh one: this test trains it
+    fd = FeatureDistillation(pairs="last", weight=1.0, attention_weight=1.0)
+    distiller = Distiller(student, teacher, feature_distillation=fd)
+    assert fd.pairs == [(0, 2), (1, 3)]
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        alpha=0.5,
+        student_loss_fn=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = bert_batch()
+    history = distiller.fit(x, y, epochs=4, verbose=0).history
+    for key in ("feature_loss", "attention_loss"):
+        assert all(np.isfinite(history[key]))
+        assert history[key][-1] < history[key][0]
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(fd)
+    )
+    assert restored.get_config() == fd.get_config()
+    assert restored.pairs == [(0, 2), (1, 3)]
+    # The projections (8 -> 16, one per pair) are not weights of the student.
+    student_ids = {id(v) for v in distiller.student.weights}
+    assert [tuple(p.kernel.shape) for p in fd.projections] == [(8, 16)] * 2
+    assert not any(id(p.kernel) in student_ids for p in fd.projections)
+
+
+def test_attention_strategy_on_bert_finds_the_matching_teacher_layers(bert_pair):
+    _, teacher = bert_pair
+    student = bert(4, 16, 4, seed=2)
+    student.set_weights(teacher.get_weights())
+    x, _ = bert_batch()
+    fd = FeatureDistillation(
+        pairs="attention", calibration_data=x, weight=0.0, attention_weight=1.0,
+        student_layers=[1, 3],
+    )
+    Distiller(student, teacher, feature_distillation=fd)
+    assert fd.pairs == [(1, 1), (3, 3)]
+    np.testing.assert_allclose(fd.attention_similarity[[0, 1], [1, 3]], 1.0, atol=1e-5)
+
+
 # ---- Bad input ----
 
 
