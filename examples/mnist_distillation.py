@@ -78,6 +78,7 @@ import numpy as np
 from keras import layers
 
 from keras_distill import Distiller
+from keras_distill import reporting
 from keras_distill.datasets import load_mnist
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -528,17 +529,6 @@ def train_students(recipe, teacher, data, epochs, batch_size, seed, output_dir):
     return summaries
 
 
-def _pyplot():
-    # Imported on first use: matplotlib is an optional dependency (the
-    # `examples` extra), and Agg renders PNGs without a display.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
 def plot_softened_distributions(teacher, image, label, path):
     """Bar charts of the teacher's softmax(logits / T) for one image.
 
@@ -554,7 +544,7 @@ def plot_softened_distributions(teacher, image, label, path):
     plot_softened_distributions(teacher, x_test[0], y_test[0], "t.png")
     ```
     """
-    plt = _pyplot()
+    plt = reporting.pyplot()
     logits = teacher(image[np.newaxis], training=False)[0]
     figure, axes = plt.subplots(
         1, len(PLOTTED_TEMPERATURES), figsize=(12, 3.2), sharey=True
@@ -590,27 +580,12 @@ def plot_learning_curves(curves, path):
     )
     ```
     """
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for kind, color in (("distilled", "tab:blue"), ("scratch", "tab:orange")):
-        per_seed = np.asarray(curves[kind])
-        epochs = np.arange(1, per_seed.shape[1] + 1)
-        mean, std = per_seed.mean(axis=0), per_seed.std(axis=0)
-        axis.plot(epochs, mean, color=color, label=f"{kind} student")
-        axis.fill_between(
-            epochs, mean - std, mean + std, color=color, alpha=0.2
-        )
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("test accuracy")
-    axis.set_title(f"Student accuracy, mean ± std over {len(per_seed)} seeds")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _mean_std(values):
-    return float(np.mean(values)), float(np.std(values))
+    reporting.plot_curves(
+        {kind: curves[kind] for kind in ("distilled", "scratch")},
+        path,
+        "test accuracy",
+        f"Student accuracy, mean ± std over {len(curves['distilled'])} seeds",
+    )
 
 
 def format_table(results):
@@ -643,12 +618,11 @@ def format_table(results):
     ]
     for kind in ("distilled", "scratch"):
         per_seed = [seed_result[kind] for seed_result in results["students"]]
-        mean, std = _mean_std([r["test_accuracy"] for r in per_seed])
         epoch_seconds = [s for r in per_seed for s in r["epoch_seconds"]]
         rows.append(
             (
                 f"{kind} student",
-                f"{mean:.4f} ± {std:.4f}",
+                reporting.format_mean_std([r["test_accuracy"] for r in per_seed]),
                 f"{per_seed[0]['params']:,}",
                 size(per_seed[0]["size_bytes"]),
                 f"{np.median(epoch_seconds):.2f}",
@@ -657,21 +631,11 @@ def format_table(results):
     header = (
         "model", "test accuracy", "params", "size on disk", "median s/epoch"
     )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(5)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-        for row in [header, *rows]
-    ]
-    gains = results["gain_per_seed"]
-    mean, std = _mean_std(gains)
+    lines = reporting.format_rows(header, rows)
     lines.append(
-        f"distilled - scratch: {mean * 100:+.2f} ± {std * 100:.2f} points "
-        "(per seed: "
-        + ", ".join(
-            f"{seed}: {gain * 100:+.2f}"
-            for seed, gain in zip(results["seeds"], gains)
+        reporting.format_gains(
+            "distilled - scratch", results["gain_per_seed"], results["seeds"]
         )
-        + ")"
     )
     return "\n".join(lines)
 

@@ -29,49 +29,21 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import layers
 
 from keras_distill import Distiller
+from keras_distill.cli import load_example
 from keras_distill.datasets import load_mnist
 from keras_distill.quantize import QUANTIZATION_MODES
 from keras_distill.quantize import compare_quantized
 from keras_distill.quantize import format_comparison
 from keras_distill.quantize import quantize_student
 
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-
-
-def build_teacher():
-    """A two-convolution CNN with dropout."""
-    return keras.Sequential(
-        [
-            keras.Input(IMAGE_SHAPE),
-            layers.Conv2D(32, 3, activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(),
-            layers.Flatten(),
-            layers.Dropout(0.5),
-            layers.Dense(128, activation="relu"),
-            layers.Dropout(0.5),
-            layers.Dense(NUM_CLASSES),
-        ],
-        name="teacher",
-    )
-
-
-def build_student():
-    """An MLP with 128 hidden units: every weight sits in a `Dense` layer."""
-    return keras.Sequential(
-        [
-            keras.Input(IMAGE_SHAPE),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dense(NUM_CLASSES),
-        ],
-        name="student",
-    )
+# The models of `examples/mnist_distillation.py`'s default recipe: a CNN
+# teacher with dropout, and an MLP student with 128 hidden units, every
+# weight of which sits in a `Dense` layer.
+_MNIST_EXAMPLE = load_example("mnist_distillation")
+build_teacher = _MNIST_EXAMPLE.build_default_teacher
+build_student = _MNIST_EXAMPLE.build_default_student
 
 
 def accuracy(model, images, labels):
@@ -87,7 +59,7 @@ def accuracy(model, images, labels):
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((2,)), layers.Dense(2)])
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     >>> 0.0 <= accuracy(model, np.eye(2, dtype="float32"), np.arange(2)) <= 1.0
     True
     """

@@ -70,6 +70,7 @@ from keras import layers
 from keras import ops
 
 from keras_distill import Distiller
+from keras_distill import reporting
 from keras_distill.datasets import PHRASEBANK_CLASSES
 from keras_distill.datasets import load_financial_phrasebank
 
@@ -797,17 +798,6 @@ def _softmax(logits):
     return np.exp(shifted) / np.sum(np.exp(shifted))
 
 
-def _pyplot():
-    # Imported on first use: matplotlib is an optional dependency (the
-    # `examples` extra), and Agg renders PNGs without a display.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
-
-
 def plot_soft_targets(examples, temperature, path):
     """Bar charts of the teacher's distributions for the example sentences.
 
@@ -816,7 +806,7 @@ def plot_soft_targets(examples, temperature, path):
         temperature: The distillation temperature.
         path: Destination PNG.
     """
-    plt = _pyplot()
+    plt = reporting.pyplot()
     figure, axes = plt.subplots(
         1, len(examples), figsize=(2.6 * len(examples), 3.4), sharey=True
     )
@@ -848,27 +838,12 @@ def plot_learning_curves(curves, path):
             each a list (one per seed) of per-epoch accuracies.
         path: Destination PNG.
     """
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for kind, color in (("distilled", "tab:blue"), ("scratch", "tab:orange")):
-        per_seed = np.asarray(curves[kind])
-        epochs = np.arange(1, per_seed.shape[1] + 1)
-        mean, std = per_seed.mean(axis=0), per_seed.std(axis=0)
-        axis.plot(epochs, mean, color=color, label=f"{kind} student")
-        axis.fill_between(
-            epochs, mean - std, mean + std, color=color, alpha=0.2
-        )
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("validation accuracy")
-    axis.set_title(f"Students, mean ± std over {len(per_seed)} seeds")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _mean_std(values):
-    return float(np.mean(values)), float(np.std(values))
+    reporting.plot_curves(
+        {kind: curves[kind] for kind in ("distilled", "scratch")},
+        path,
+        "validation accuracy",
+        f"Students, mean ± std over {len(curves['distilled'])} seeds",
+    )
 
 
 def format_table(results):
@@ -888,9 +863,10 @@ def format_table(results):
         )
         cells = [kind if kind == "teacher" else f"{kind} student"]
         for metric in ("test_accuracy", "test_macro_f1"):
-            mean, std = _mean_std([r[metric] for r in per_seed])
+            values = [r[metric] for r in per_seed]
             cells.append(
-                f"{mean:.4f}" if kind == "teacher" else f"{mean:.4f} ± {std:.4f}"
+                f"{values[0]:.4f}" if kind == "teacher"
+                else reporting.format_mean_std(values)
             )
         cells.append(f"{per_seed[0]['params']:,}")
         for batch in ("1", "256"):
@@ -902,22 +878,14 @@ def format_table(results):
         "model", "test accuracy", "macro-F1", "params", "ms/sentence (batch 1)",
         "ms/sentence (batch 256)",
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(6)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths))
-        for row in [header, *rows]
-    ]
+    lines = reporting.format_rows(header, rows)
     for metric, name in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
-        gains = results[f"{metric}_gain_per_seed"]
-        mean, std = _mean_std(gains)
         lines.append(
-            f"distilled - scratch {name}: {mean * 100:+.2f} ± {std * 100:.2f} "
-            "points (per seed: "
-            + ", ".join(
-                f"{seed}: {gain * 100:+.2f}"
-                for seed, gain in zip(results["seeds"], gains)
+            reporting.format_gains(
+                f"distilled - scratch {name}",
+                results[f"{metric}_gain_per_seed"],
+                results["seeds"],
             )
-            + ")"
         )
     return "\n".join(lines)
 
