@@ -1,0 +1,304 @@
+"""Tests for `keras_distill.on_policy`: on-policy and sequence-level distillation."""
+
+import keras
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+
+from keras_distill import hub  # noqa: E402
+from keras_distill import losses  # noqa: E402
+from keras_distill import on_policy  # noqa: E402
+from keras_distill.callbacks import TeacherAgreement  # noqa: E402
+from tests.conftest import DATA_DIR  # noqa: E402
+
+VOCABULARY_SIZE = 300
+SEQUENCE_LENGTH = 12
+PROMPT_LENGTH = 4
+BATCH_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def windows():
+    """Real Tiny Shakespeare byte windows: `(x, labels, sample_weight)`."""
+    text = (DATA_DIR / "tinyshakespeare.txt").read_text()[:2_000]
+    x, labels, weight = hub.language_model_windows(
+        keras_hub.tokenizers.ByteTokenizer(), text, SEQUENCE_LENGTH,
+        add_bos=False,
+    )
+    count = 2 * BATCH_SIZE
+    return {k: v[:count] for k, v in x.items()}, labels[:count], weight[:count]
+
+
+def _gemma(hidden_dim, seed):
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=VOCABULARY_SIZE,
+        image_size=None,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
+        head_dim=hidden_dim // 2,
+    )
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+
+
+@pytest.fixture(scope="module")
+def models():
+    student, teacher = _gemma(16, seed=1), _gemma(32, seed=2)
+    return student, teacher, [w.copy() for w in student.get_weights()]
+
+
+def _distiller(models, fraction=None, seed=0, **config):
+    """A distiller of a fresh student with the initial weights.
+
+    Fresh, because on torch the gradients of a KerasHub model's variables
+    are not cleared between `fit` calls (its variables are not registered
+    torch parameters, so `zero_grad` misses them).
+    """
+    _, teacher, initial_weights = models
+    student = _gemma(16, seed=1)
+    student.set_weights(initial_weights)
+    policy = None
+    if fraction is not None:
+        policy = on_policy.OnPolicyGeneration(
+            fraction=fraction, prompt_length=PROMPT_LENGTH, seed=seed, **config
+        )
+    distiller = hub.CausalLMDistiller(student, teacher, on_policy=policy)
+    distiller.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        distillation_loss_fn=losses.GeneralizedJSD(beta=0.5),
+        alpha=0.0,
+        temperature=1.0,
+    )
+    return distiller
+
+
+def _fit(distiller, data, steps=None):
+    x, labels, weight = data
+    if steps is not None:
+        count = steps * BATCH_SIZE
+        x, labels, weight = {k: v[:count] for k, v in x.items()}, labels[:count], weight[:count]
+    return distiller.fit(
+        x, labels, sample_weight=weight, batch_size=BATCH_SIZE, shuffle=False,
+        verbose=0,
+    )
+
+
+def _weights(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+@pytest.fixture(scope="module")
+def on_policy_run(models, windows):
+    """One on-policy step (fraction=1) from the initial student weights."""
+    distiller = _distiller(models, fraction=1.0)
+    history = _fit(distiller, windows, steps=1)
+    return {
+        "distiller": distiller,
+        "history": history.history,
+        "batch": distiller.on_policy_callback.last_batch,
+        "weights": _weights(distiller.student),
+    }
+
+
+def test_only_generated_tokens_carry_weight(on_policy_run, windows):
+    x, labels, weight = on_policy_run["batch"]
+    prompts = windows[0]["token_ids"][:BATCH_SIZE, :PROMPT_LENGTH]
+    # The prompts are the batch's first tokens; the rest is generated.
+    np.testing.assert_array_equal(x["token_ids"][:, :PROMPT_LENGTH], prompts)
+    # Label t is token t + 1; it weighs 1 exactly when that token is generated.
+    np.testing.assert_array_equal(labels[:, :-1], x["token_ids"][:, 1:])
+    expected = np.zeros_like(weight)
+    expected[:, PROMPT_LENGTH - 1 : SEQUENCE_LENGTH - 1] = 1.0
+    np.testing.assert_array_equal(weight, expected)
+    assert x["padding_mask"].all()
+
+
+def test_fraction_one_makes_every_step_on_policy_and_logs_it(on_policy_run):
+    history = on_policy_run["history"]
+    assert history["on_policy_fraction"] == [1.0]
+    assert 0.0 < history["generation_time_share"][0] < 1.0
+    assert history["generated_tokens_per_second"][0] > 0.0
+
+
+def test_on_policy_step_is_the_supervised_step_on_the_generated_batch(
+    models, on_policy_run
+):
+    # No gradient flows through generation: the on-policy step equals an
+    # ordinary step on its generated tokens, taken as fixed data.
+    supervised = _distiller(models)
+    _fit(supervised, on_policy_run["batch"])
+    for expected, actual in zip(on_policy_run["weights"], _weights(supervised.student)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_run_is_reproducible_and_generation_compiles_once(
+    models, windows, on_policy_run
+):
+    distiller = _distiller(models, fraction=1.0)
+    _fit(distiller, windows, steps=1)
+    batch = distiller.on_policy_callback.last_batch
+    np.testing.assert_array_equal(
+        batch[0]["token_ids"], on_policy_run["batch"][0]["token_ids"]
+    )
+    for expected, actual in zip(on_policy_run["weights"], _weights(distiller.student)):
+        np.testing.assert_array_equal(actual, expected)
+    # A second fit reuses the generate function and the compiled step.
+    generate_function = distiller._on_policy_generator.generate_function
+    train_function = distiller.train_function
+    _fit(distiller, windows)
+    assert distiller._on_policy_generator.generate_function is generate_function
+    assert distiller._on_policy_generator.model.generate_function is generate_function
+    assert distiller.train_function is train_function
+
+
+def test_fraction_zero_is_the_supervised_step(models, windows):
+    supervised = _distiller(models)
+    _fit(supervised, windows)
+    distiller = _distiller(models, fraction=0.0)
+    history = _fit(distiller, windows)
+    assert history.history["on_policy_fraction"] == [0.0]
+    for expected, actual in zip(_weights(supervised.student), _weights(distiller.student)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_step_draws_follow_the_fraction(models, windows):
+    config = on_policy.OnPolicyGeneration(fraction=0.3, prompt_length=2, seed=5)
+    callback = on_policy.OnPolicyGenerator(
+        config,
+        on_policy.TrainingBatches(*windows, BATCH_SIZE, False, 5),
+        generated=None,
+        generator=None,
+        seed=5,
+    )
+    draws = [callback.is_on_policy(0, step) for step in range(2000)]
+    assert abs(np.mean(draws) - 0.3) < 0.04
+    assert draws == [callback.is_on_policy(0, step) for step in range(2000)]
+
+
+def test_teacher_sequences_weight_the_continuation_only(models, windows):
+    student, teacher, _ = models
+    prompts = windows[0]["token_ids"][:3, :PROMPT_LENGTH]
+    x, labels, weight = on_policy.generate_teacher_sequences(
+        teacher, prompts, max_new_tokens=5, sequence_length=SEQUENCE_LENGTH,
+        batch_size=2,
+    )
+    assert x["token_ids"].shape == (3, SEQUENCE_LENGTH)
+    np.testing.assert_array_equal(x["token_ids"][:, :PROMPT_LENGTH], prompts)
+    expected = np.zeros((3, SEQUENCE_LENGTH), "float32")
+    expected[:, PROMPT_LENGTH - 1 : PROMPT_LENGTH + 4] = 1.0
+    np.testing.assert_array_equal(weight, expected)
+    # Greedy: the first new token is the teacher's most likely next token.
+    logits = keras.ops.convert_to_numpy(
+        teacher({"token_ids": prompts, "padding_mask": np.ones_like(prompts, bool)})
+    )
+    np.testing.assert_array_equal(
+        x["token_ids"][:, PROMPT_LENGTH], logits[:, -1].argmax(-1)
+    )
+    # Sequence-level distillation: hard crossentropy on the teacher's tokens.
+    distiller = hub.CausalLMDistiller(student, teacher)
+    distiller.compile(
+        optimizer="sgd", student_loss_fn="sparse_categorical_crossentropy",
+        alpha=1.0,
+    )
+    loss = distiller.compute_loss(x, labels, student(x), weight)
+    assert np.isfinite(float(keras.ops.convert_to_numpy(loss)))
+
+
+def test_config_round_trips(models):
+    config = on_policy.OnPolicyGeneration(
+        fraction=0.25, prompt_length=3, max_new_tokens=4, sampler="top_k",
+        temperature=0.7, seed=3,
+    )
+    restored = on_policy.OnPolicyGeneration.from_config(config.get_config())
+    assert restored.get_config() == config.get_config()
+    sampler = keras_hub.samplers.TopPSampler(p=0.5, temperature=0.5)
+    with_instance = on_policy.OnPolicyGeneration(sampler=sampler)
+    again = on_policy.OnPolicyGeneration.from_config(with_instance.get_config())
+    assert again.sampler.p == 0.5 and again.sampler.temperature == 0.5
+    student, teacher, _ = models
+    distiller = hub.CausalLMDistiller(student, teacher, on_policy=config)
+    serialized = distiller.get_config()["on_policy"]
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == (
+        config.get_config()
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"fraction": 1.5}, "`fraction` must be in"),
+        ({"fraction": -0.1}, "`fraction` must be in"),
+        ({"temperature": 0.0}, "`temperature` must be"),
+        ({"temperature": -1.0}, "`temperature` must be"),
+        ({"sampler": "beam_search"}, "`sampler` must be one of"),
+        ({"prompt_length": 0}, "`prompt_length` must be a positive"),
+    ],
+)
+def test_bad_configs_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        on_policy.OnPolicyGeneration(**kwargs)
+
+
+def test_bad_sampler_instance_temperature():
+    sampler = keras_hub.samplers.RandomSampler(temperature=0.0)
+    with pytest.raises(ValueError, match="`temperature` must be"):
+        on_policy.OnPolicyGeneration(sampler=sampler)
+
+
+def test_beta_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError, match="`beta` must be in"):
+        losses.GeneralizedJSD(beta=1.5)
+    with pytest.raises(ValueError, match="`beta` must be in"):
+        losses.GeneralizedJSD(beta=-0.5)
+
+
+@pytest.mark.parametrize(
+    "prompt_length, max_new_tokens, match",
+    [
+        (SEQUENCE_LENGTH + 1, None, "longer than the sequence length"),
+        (SEQUENCE_LENGTH, None, "leaving no room to generate"),
+        (PROMPT_LENGTH, SEQUENCE_LENGTH, "`max_new_tokens`=12 after prompts"),
+    ],
+)
+def test_prompts_must_leave_room(models, windows, prompt_length, max_new_tokens, match):
+    student, teacher, _ = models
+    distiller = hub.CausalLMDistiller(
+        student, teacher,
+        on_policy=on_policy.OnPolicyGeneration(
+            prompt_length=prompt_length, max_new_tokens=max_new_tokens
+        ),
+    )
+    distiller.compile(optimizer="sgd", alpha=0.0)
+    with pytest.raises(ValueError, match=match):
+        _fit(distiller, windows)
+    prompts = np.ones((2, prompt_length), "int32")
+    with pytest.raises(ValueError, match=match):
+        on_policy.generate_teacher_sequences(
+            teacher, prompts, max_new_tokens=max_new_tokens or 1,
+            sequence_length=SEQUENCE_LENGTH,
+        )
+
+
+def test_on_policy_refusals(models, windows):
+    student, teacher, _ = models
+    config = on_policy.OnPolicyGeneration(prompt_length=PROMPT_LENGTH)
+    with pytest.raises(ValueError, match="needs the `teacher` model"):
+        hub.CausalLMDistiller(student, None, on_policy=config)
+    with pytest.raises(TypeError, match="`on_policy` must be"):
+        hub.CausalLMDistiller(student, teacher, on_policy=0.5)
+    distiller = hub.CausalLMDistiller(student, teacher, on_policy=config)
+    with pytest.raises(ValueError, match="compiled `metrics`"):
+        distiller.compile(optimizer="sgd", alpha=0.0, metrics=["accuracy"])
+    # Teacher–student metrics see the generated batch, so they are allowed.
+    distiller.compile(optimizer="sgd", alpha=0.0, metrics=[TeacherAgreement()])
+    with pytest.raises(TypeError, match="`x` must be a dict of NumPy arrays"):
+        distiller.fit(windows[0]["token_ids"], windows[1])
+    with pytest.raises(ValueError, match="`temperature` must be"):
+        on_policy.generate_teacher_sequences(
+            teacher, np.ones((2, 3), "int32"), 2, sampler="random",
+            temperature=0.0,
+        )
