@@ -11,8 +11,8 @@ CausalLMDistiller`:
   with a KerasHub sampler; the step then runs teacher and student on those
   sequences and minimizes the compiled divergence over the generated tokens
   only. Otherwise the step is the ordinary supervised one.
-- Sequence-level: `generate_teacher_sequences` generates the teacher's
-  continuations of a prompt set once and returns `(x, labels,
+- Sequence-level: `generate_sequences(teacher, prompts, ...)` generates
+  the teacher's continuations of a prompt set once and returns `(x, labels,
   sample_weight)` that weight the continuation only; the same
   `CausalLMDistiller` trains on them with hard crossentropy (`alpha=1`)
   and/or the teacher's token distributions (`alpha < 1`).
@@ -115,11 +115,12 @@ class SequenceGenerator:
     ...     vocabulary_size=20, image_size=None, num_layers=1,
     ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
     ...     intermediate_dim=16, head_dim=8)
-    >>> model = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
+    >>> model = keras_hub.models.Gemma3CausalLM(
+    ...     backbone=backbone, preprocessor=None)
     >>> generator = SequenceGenerator(model, make_sampler("greedy"))
     >>> token_ids, mask = generator(
     ...     np.ones((2, 5), "int32"), np.array([[1, 1, 0, 0, 0]] * 2, bool))
-    >>> token_ids.shape, mask.all()
+    >>> token_ids.shape, bool(mask.all())
     ((2, 5), True)
     """
 
@@ -246,8 +247,8 @@ def _as_prompts(prompts):
     return token_ids, padding_mask
 
 
-def generate_teacher_sequences(
-    teacher,
+def generate_sequences(
+    causal_lm,
     prompts,
     max_new_tokens,
     sequence_length=None,
@@ -257,15 +258,18 @@ def generate_teacher_sequences(
     batch_size=32,
     stop_token_ids=None,
 ):
-    """Generates the teacher's continuations once, for sequence-level KD.
+    """Continues prompts with a causal LM, as training data.
 
-    The result trains a `CausalLMDistiller` on what the teacher writes:
-    `alpha=1` is sequence-level distillation with hard labels (the
-    teacher's tokens); `alpha < 1` adds the teacher's token distributions on
-    the same sequences. Only continuation tokens carry weight.
+    With the teacher, this is sequence-level distillation's data, generated
+    once: a `CausalLMDistiller` trained on it with `alpha=1` learns the
+    teacher's tokens (hard labels), with `alpha < 1` also the teacher's token
+    distributions on the same sequences. Only continuation tokens carry
+    weight. With a student, it gives the student's own samples, e.g. to
+    score with the teacher.
 
     Args:
-        teacher: The teacher `keras_hub.models.CausalLM`.
+        causal_lm: The `keras_hub.models.CausalLM` that writes, e.g. the
+            teacher.
         prompts: int array `(num_prompts, prompt_length)` of prompt tokens,
             or a dict of `"token_ids"` and `"padding_mask"` for prompts of
             different lengths (left-aligned).
@@ -290,15 +294,16 @@ def generate_teacher_sequences(
     ...     vocabulary_size=20, image_size=None, num_layers=1,
     ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
     ...     intermediate_dim=16, head_dim=8)
-    >>> teacher = keras_hub.models.Gemma3CausalLM(backbone, preprocessor=None)
-    >>> x, labels, weight = generate_teacher_sequences(
+    >>> teacher = keras_hub.models.Gemma3CausalLM(
+    ...     backbone=backbone, preprocessor=None)
+    >>> x, labels, weight = generate_sequences(
     ...     teacher, np.full((3, 2), 2), max_new_tokens=3, sequence_length=6)
     >>> weight.tolist()[0]
     [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     """
     from keras_distill.hub import _check_causal_lm
 
-    _check_causal_lm("teacher", teacher)
+    _check_causal_lm("causal_lm", causal_lm)
     prompt_ids, prompt_mask = _as_prompts(prompts)
     _check_positive_int("max_new_tokens", max_new_tokens)
     _check_positive_int("batch_size", batch_size)
@@ -308,7 +313,7 @@ def generate_teacher_sequences(
     _check_positive_int("sequence_length", sequence_length)
     _check_room(prompt_length, max_new_tokens, sequence_length)
     generator = SequenceGenerator(
-        teacher, make_sampler(sampler, temperature, seed), stop_token_ids
+        causal_lm, make_sampler(sampler, temperature, seed), stop_token_ids
     )
     count = len(prompt_ids)
     parts = []

@@ -182,7 +182,7 @@ def test_step_draws_follow_the_fraction(models, windows):
 def test_teacher_sequences_weight_the_continuation_only(models, windows):
     student, teacher, _ = models
     prompts = windows[0]["token_ids"][:3, :PROMPT_LENGTH]
-    x, labels, weight = on_policy.generate_teacher_sequences(
+    x, labels, weight = on_policy.generate_sequences(
         teacher, prompts, max_new_tokens=5, sequence_length=SEQUENCE_LENGTH,
         batch_size=2,
     )
@@ -277,7 +277,7 @@ def test_prompts_must_leave_room(models, windows, prompt_length, max_new_tokens,
         _fit(distiller, windows)
     prompts = np.ones((2, prompt_length), "int32")
     with pytest.raises(ValueError, match=match):
-        on_policy.generate_teacher_sequences(
+        on_policy.generate_sequences(
             teacher, prompts, max_new_tokens=max_new_tokens or 1,
             sequence_length=SEQUENCE_LENGTH,
         )
@@ -298,7 +298,7 @@ def test_on_policy_refusals(models, windows):
     with pytest.raises(TypeError, match="`x` must be a dict of NumPy arrays"):
         distiller.fit(windows[0]["token_ids"], windows[1])
     with pytest.raises(ValueError, match="`temperature` must be"):
-        on_policy.generate_teacher_sequences(
+        on_policy.generate_sequences(
             teacher, np.ones((2, 3), "int32"), 2, sampler="random",
             temperature=0.0,
         )
