@@ -6,6 +6,7 @@ from keras_distill import fused
 from keras_distill import hub
 from keras_distill import layer_dropout
 from keras_distill import losses
+from keras_distill import on_policy
 from keras_distill import quantize
 from keras_distill import sparse
 from keras_distill.cache import TeacherOutputCache
@@ -17,6 +18,8 @@ from keras_distill.distiller import Distiller
 from keras_distill.distiller import NonFiniteLossGuard
 from keras_distill.features import FeatureDistillation
 from keras_distill.hub import CausalLMDistiller
+from keras_distill.on_policy import OnPolicyGeneration
+from keras_distill.on_policy import generate_sequences
 
 __version__ = "0.1.0"
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "Distiller",
     "FeatureDistillation",
     "NonFiniteLossGuard",
+    "OnPolicyGeneration",
     "PeakMemory",
     "TeacherAgreement",
     "TeacherKL",
@@ -32,9 +36,11 @@ __all__ = [
     "callbacks",
     "features",
     "fused",
+    "generate_sequences",
     "hub",
     "layer_dropout",
     "losses",
+    "on_policy",
     "quantize",
     "sparse",
 ]
