@@ -11,6 +11,17 @@ alone. It prints held-out perplexity and teacher–student top-1 agreement
 model, a few generated lines from each, and the error of top-k teacher
 targets (k = 8, 64, 256) against the dense loss, and writes `results.json`.
 
+`--mode on_policy`, `sequence` or `all` also trains, from the same initial
+weights and for the same number of optimizer steps, an on-policy student
+(`on_policy.OnPolicyGeneration`: a share `--lmbda` of the steps distills on
+the student's own continuations of each window's first `--prompt-length`
+tokens, generalized JSD with `--beta`) and/or a sequence-level student
+(hard crossentropy on the teacher's continuations of the same prompts,
+generated once with `on_policy.generate_sequences`), and compares them with
+the token-level one: held-out perplexity, the teacher's mean per-token
+log-likelihood of each student's own samples, samples, and the share of the
+on-policy student's training time spent generating.
+
 The text is split by position: the first 90% trains, the last 10% is
 held out. Each split is tokenized once and cut into windows of
 `--sequence-length` tokens (`keras_distill.hub.language_model_windows`).
@@ -22,6 +33,7 @@ text with the teacher's tokenizer, where the weights are reachable.
 
     python examples/gemma_distillation.py                 # offline, tiny models
     python examples/gemma_distillation.py --quick         # a smoke run
+    python examples/gemma_distillation.py --mode all      # + on-policy, sequence-level
     python examples/gemma_distillation.py --teacher gemma3_instruct_27b \\
         --student gemma3_instruct_1b --sequence-length 256
 """
@@ -38,6 +50,7 @@ import numpy as np
 from keras_distill import datasets
 from keras_distill import hub
 from keras_distill import losses
+from keras_distill import on_policy
 from keras_distill import sparse
 
 PROMPTS = ("ROMEO:", "First Citizen:\nWe are", "KING RICHARD III:\nNow")
@@ -227,6 +240,7 @@ def run(args):
     x_heldout, labels_heldout, weight_heldout = heldout
     validation = (x_heldout, labels_heldout, weight_heldout)
 
+    initial_weights = distilled.get_weights()
     distiller = hub.CausalLMDistiller(student=distilled, teacher=teacher)
     distiller.compile(
         optimizer=_optimizer(args.learning_rate),
@@ -292,12 +306,195 @@ def run(args):
             "scratch": scratch_history,
         },
     }
+    if args.mode != "token":
+        results["modes"] = compare_modes(
+            args, teacher, initial_weights, train, heldout,
+            teacher_logits,
+            {"token": (distilled, int(distiller.optimizer.iterations), distilled_seconds)},
+            preprocessor,
+        )
     print(format_table(results))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {output_dir / 'results.json'}")
     return results
+
+
+def _fresh_student(args, vocabulary_size, initial_weights):
+    """A student like the token-level one, from the same initial weights."""
+    import keras_hub
+
+    if args.student:
+        student = keras_hub.models.CausalLM.from_preset(args.student)
+        student.preprocessor = None
+    else:
+        student = build_gemma(vocabulary_size, *args.student_size, preprocessor=None)
+    student.set_weights(initial_weights)
+    return student
+
+
+def _window_prompts(x, prompt_length):
+    return {
+        "token_ids": x["token_ids"][:, :prompt_length],
+        "padding_mask": x["padding_mask"][:, :prompt_length],
+    }
+
+
+def teacher_log_likelihood_of_samples(teacher, student, heldout, args):
+    """The teacher's mean per-token log-likelihood of `student`'s samples.
+
+    The student continues the first `--prompt-length` tokens of held-out
+    windows (random sampling, temperature 1) to the window length; the
+    teacher scores the generated tokens: the higher, the more teacher-like
+    the student's own text.
+    """
+    prompts = _window_prompts(heldout[0], args.prompt_length)
+    prompts = {k: v[: args.sample_prompts] for k, v in prompts.items()}
+    x, labels, weight = on_policy.generate_sequences(
+        student,
+        prompts,
+        max_new_tokens=args.sequence_length - args.prompt_length,
+        sampler="random",
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    log_likelihood, _ = token_log_likelihoods(teacher, x, labels, args.batch_size)
+    return float((log_likelihood * weight).sum() / weight.sum())
+
+
+def compare_modes(
+    args, teacher, initial_weights, train, heldout, teacher_logits,
+    trained, preprocessor,
+):
+    """Token-level, sequence-level and on-policy students at equal step budgets."""
+    x_heldout, labels_heldout, weight_heldout = heldout
+    validation = (x_heldout, labels_heldout, weight_heldout)
+    modes = ("on_policy", "sequence") if args.mode == "all" else (args.mode,)
+    distilled_vocabulary = trained["token"][0].backbone.vocabulary_size
+    trained = dict(trained)
+    extra = {}
+    if "sequence" in modes:
+        start = time.perf_counter()
+        sequences = on_policy.generate_sequences(
+            teacher,
+            _window_prompts(train[0], args.prompt_length),
+            max_new_tokens=args.sequence_length - args.prompt_length,
+            sampler="random",
+            seed=args.seed,
+            batch_size=4 * args.batch_size,
+        )
+        extra["sequence"] = {"teacher_generation_seconds": time.perf_counter() - start}
+        student = _fresh_student(args, distilled_vocabulary, initial_weights)
+        distiller = hub.CausalLMDistiller(student=student, teacher=teacher)
+        distiller.compile(
+            optimizer=_optimizer(args.learning_rate),
+            student_loss_fn="sparse_categorical_crossentropy",
+            alpha=1.0,
+        )
+        start = time.perf_counter()
+        _fit_history(
+            distiller, sequences, args.student_epochs, args.batch_size, args.seed,
+            validation,
+        )
+        trained["sequence"] = (
+            student, int(distiller.optimizer.iterations), time.perf_counter() - start
+        )
+    if "on_policy" in modes:
+        student = _fresh_student(args, distilled_vocabulary, initial_weights)
+        distiller = hub.CausalLMDistiller(
+            student=student,
+            teacher=teacher,
+            on_policy=on_policy.OnPolicyGeneration(
+                fraction=args.lmbda,
+                prompt_length=args.prompt_length,
+                sampler="random",
+                seed=args.seed,
+            ),
+        )
+        distiller.compile(
+            optimizer=_optimizer(args.learning_rate),
+            distillation_loss_fn=losses.GeneralizedJSD(beta=args.beta),
+            alpha=0.0,
+            temperature=args.temperature,
+        )
+        start = time.perf_counter()
+        history = _fit_history(
+            distiller, train, args.student_epochs, args.batch_size, args.seed,
+            validation,
+        )
+        trained["on_policy"] = (
+            student, int(distiller.optimizer.iterations), time.perf_counter() - start
+        )
+        on_policy_steps = sum(
+            fraction * math.ceil(len(train[1]) / args.batch_size)
+            for fraction in history["on_policy_fraction"]
+        )
+        extra["on_policy"] = {
+            "on_policy_fraction": history["on_policy_fraction"],
+            "generation_time_share": history["generation_time_share"],
+            "generated_tokens_per_second": history["generated_tokens_per_second"],
+            "generation_seconds_per_on_policy_step": (
+                sum(history["generation_seconds"]) / max(on_policy_steps, 1)
+            ),
+        }
+    rows = {}
+    for name, (student, steps, seconds) in trained.items():
+        metrics, _ = evaluate(
+            student, teacher_logits, x_heldout, labels_heldout, weight_heldout,
+            args.batch_size,
+        )
+        rows[name] = dict(
+            metrics,
+            optimizer_steps=steps,
+            teacher_log_likelihood_of_samples=teacher_log_likelihood_of_samples(
+                teacher, student, heldout, args
+            ),
+            train_seconds=seconds,
+            samples=generate_samples(
+                student, preprocessor, args.generate_length, args.seed
+            ),
+            **extra.get(name, {}),
+        )
+    rows["teacher"] = {
+        "teacher_log_likelihood_of_samples": teacher_log_likelihood_of_samples(
+            teacher, teacher, heldout, args
+        )
+    }
+    return rows
+
+
+def format_modes(modes):
+    lines = [
+        "| student | optimizer steps | held-out perplexity | top-1 agreement | teacher log-likelihood of its samples (per token) | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in modes.items():
+        if name == "teacher":
+            continue
+        lines.append(
+            f"| {name} | {row['optimizer_steps']} | {row['perplexity']:.2f} | "
+            f"{row['agreement']:.3f} | "
+            f"{row['teacher_log_likelihood_of_samples']:.3f} | "
+            f"{row['train_seconds']:.0f} |"
+        )
+    lines.append(
+        "teacher's own samples: "
+        f"{modes['teacher']['teacher_log_likelihood_of_samples']:.3f} per token"
+    )
+    if "on_policy" in modes:
+        row = modes["on_policy"]
+        lines.append(
+            f"on-policy: fraction of steps {row['on_policy_fraction']}, "
+            f"generation share of step time {row['generation_time_share']}, "
+            f"{row['generation_seconds_per_on_policy_step']:.3f} s generating "
+            "per on-policy step"
+        )
+    for name, row in modes.items():
+        if name != "teacher":
+            lines.append(f"\n--- {name} student samples")
+            lines += [text.replace("\n", " / ") for text in row["samples"]]
+    return "\n".join(lines)
 
 
 def format_table(results):
@@ -326,6 +523,8 @@ def format_table(results):
     for name, texts in results["samples"].items():
         lines.append(f"\n--- {name}")
         lines += [text.replace("\n", " / ") for text in texts]
+    if "modes" in results:
+        lines += ["", format_modes(results["modes"])]
     return "\n".join(lines)
 
 
@@ -352,6 +551,17 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="a small, fast run for smoke tests")
+    parser.add_argument("--mode", choices=("token", "on_policy", "sequence", "all"),
+                        default="token",
+                        help="students compared with the token-level one")
+    parser.add_argument("--lmbda", type=float, default=0.5,
+                        help="on-policy: share of steps on the student's generations")
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="on-policy: generalized JSD beta (0 forward, 1 reverse KL)")
+    parser.add_argument("--prompt-length", type=int, default=8,
+                        help="on-policy and sequence-level: prompt tokens per window")
+    parser.add_argument("--sample-prompts", type=int, default=256,
+                        help="held-out prompts each student continues for the teacher to score")
     args = parser.parse_args(argv)
     if bool(args.teacher) != bool(args.student):
         parser.error("pass both --teacher and --student, or neither")
@@ -364,6 +574,8 @@ def parse_args(argv=None):
         args.teacher_epochs = args.student_epochs = 1
         args.sequence_length = min(args.sequence_length, 32)
         args.generate_length = min(args.generate_length, 12)
+        args.sample_prompts = min(args.sample_prompts, 16)
+        args.prompt_length = min(args.prompt_length, 4)
     return args
 
 
