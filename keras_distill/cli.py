@@ -40,6 +40,12 @@ EXAMPLES = {
         "gemma_distillation",
         "a tiny Gemma 3 causal language model distilled on Tiny Shakespeare",
     ),
+    "features": (
+        "feature_distillation",
+        "what hidden-state and attention-map distillation add over "
+        "logits only (MNIST CNNs; BERT encoders on Financial PhraseBank), "
+        "and the quantized student",
+    ),
 }
 # The cache fingerprint's description of `load_mnist`'s training images.
 MNIST_PREPROCESSING = {"dataset": "mnist", "split": "train", "scale": "1/255"}
