@@ -244,22 +244,38 @@ def train_tiny_gemma(data_dir, epochs, vocabulary_size=8192, sequence_length=128
 
 
 def _reference_top_k(logits, k):
-    """Float64 top-k log-probabilities and indices of (tokens, V) logits."""
+    """Float64 top-k log-probabilities and indices of (tokens, V) logits.
+
+    The indices are the ones the cache keeps (`top_k_teacher_targets` on the
+    same float32 logits), so ties at the k-th entry are broken alike.
+    """
+    import keras
     import numpy as np
 
+    from keras_distill.sparse import top_k_teacher_targets
+
+    _, indices = top_k_teacher_targets(logits, k)
+    indices = keras.ops.convert_to_numpy(indices)
     logits = logits.astype(np.float64)
     log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    indices = np.argpartition(-log_probs, k - 1, axis=-1)[:, :k]
     return np.take_along_axis(log_probs, indices, axis=-1), indices, log_probs
 
 
-def measure_cache(teacher, inputs, rows_per_batch, logits):
-    """Sizes, round-trip error and decode time of float16 and compact caches."""
+def measure_cache(logits, rows_per_batch):
+    """Sizes, round-trip error and read time of float16 and compact caches.
+
+    The caches are built by an identity "teacher" from `logits` (rows,
+    tokens per row, V), so both formats and the reference see the same
+    float32 logits.
+    """
+    import keras
     import numpy as np
 
     from keras_distill import TeacherOutputCache
     from keras_distill.codec import top_k_total_variation
 
+    teacher = keras.Sequential([keras.layers.Identity()])
+    inputs = logits
     vocabulary_size = logits.shape[-1]
     logits = logits.reshape(-1, vocabulary_size)
     exact_log_probs, exact_indices, log_probs = _reference_top_k(logits, TOP_K)
@@ -330,15 +346,11 @@ def top_k_cache_sizes(args):
     import numpy as np
 
     rng = np.random.default_rng(0)
-    identity = keras.Sequential([keras.layers.Identity()])
     results = {}
     rows, tokens_per_row = args.tokens // 16, 16
     for name, make in (("zipf", zipf_logits), ("lm-like", language_model_like_logits)):
-        logits = make(rows, tokens_per_row, rng)
-        results[name] = measure_cache(identity, logits, 4, logits)
-        del logits
+        results[name] = measure_cache(make(rows, tokens_per_row, rng), 4)
     model, held_out, description = train_tiny_gemma(args.data_dir, args.lm_epochs)
-    held_out = {name: values[: args.lm_windows] for name, values in held_out.items()}
     batches = [
         {name: values[begin : begin + 16] for name, values in held_out.items()}
         for begin in range(0, args.lm_windows, 16)
@@ -351,7 +363,7 @@ def top_k_cache_sizes(args):
     teacher_seconds = time.perf_counter() - start
     tokens = logits.shape[0] * logits.shape[1]
     results["tiny-gemma3"] = {
-        **measure_cache(model, held_out, 16, logits),
+        **measure_cache(logits, 4),
         **description,
         "teacher_forward_us_per_token": 1e6 * teacher_seconds / tokens,
     }
@@ -366,15 +378,17 @@ def run_worker(args):
     from keras_distill.datasets import load_mnist
 
     data = tuple(load_mnist(args.data_dir))
-    results = {
-        "backend": keras.backend.backend(),
-        "online_step": online_step_vs_floor(example, data, args.repeats),
-    }
-    if args.epochs:
-        results["epochs"] = cached_vs_online_epochs(example, data, args.epochs)
+    output = Path(args.worker_output)
+    results = {"backend": keras.backend.backend()}
+    # Results are written after each part, so a failure keeps the others.
     if args.cache_sizes:
         results["cache_sizes"] = top_k_cache_sizes(args)
-    Path(args.worker_output).write_text(json.dumps(results, indent=2))
+        output.write_text(json.dumps(results, indent=2))
+    results["online_step"] = online_step_vs_floor(example, data, args.repeats)
+    output.write_text(json.dumps(results, indent=2))
+    if args.epochs:
+        results["epochs"] = cached_vs_online_epochs(example, data, args.epochs)
+        output.write_text(json.dumps(results, indent=2))
 
 
 def format_tables(all_results):
