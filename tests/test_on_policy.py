@@ -51,7 +51,7 @@ def models():
     return student, teacher, [w.copy() for w in student.get_weights()]
 
 
-def _distiller(models, fraction=None, seed=0, **config):
+def _distiller(models, fraction=None, seed=0, run_eagerly=False, **config):
     """A distiller of a fresh student with the initial weights.
 
     Fresh, because on torch the gradients of a KerasHub model's variables
@@ -72,6 +72,8 @@ def _distiller(models, fraction=None, seed=0, **config):
         distillation_loss_fn=losses.GeneralizedJSD(beta=0.5),
         alpha=0.0,
         temperature=1.0,
+        # Eager where a test compares one or two steps: no compilation cost.
+        run_eagerly=run_eagerly,
     )
     return distiller
 
@@ -129,7 +131,7 @@ def test_on_policy_step_is_the_supervised_step_on_the_generated_batch(
 ):
     # No gradient flows through generation: the on-policy step equals an
     # ordinary step on its generated tokens, taken as fixed data.
-    supervised = _distiller(models)
+    supervised = _distiller(models, run_eagerly=True)
     _fit(supervised, on_policy_run["batch"])
     for expected, actual in zip(on_policy_run["weights"], _weights(supervised.student)):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
@@ -156,9 +158,9 @@ def test_seeded_run_is_reproducible_and_generation_compiles_once(
 
 
 def test_fraction_zero_is_the_supervised_step(models, windows):
-    supervised = _distiller(models)
+    supervised = _distiller(models, run_eagerly=True)
     _fit(supervised, windows)
-    distiller = _distiller(models, fraction=0.0)
+    distiller = _distiller(models, fraction=0.0, run_eagerly=True)
     history = _fit(distiller, windows)
     assert history.history["on_policy_fraction"] == [0.0]
     for expected, actual in zip(_weights(supervised.student), _weights(distiller.student)):
