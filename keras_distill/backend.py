@@ -33,6 +33,7 @@ of rows instead of several times per token.
 """
 
 import collections
+import contextlib
 import functools
 
 import keras
@@ -168,6 +169,65 @@ def concrete_value(tensor):
         if not tf.executing_eagerly() or tf.is_symbolic_tensor(tensor):
             return None
     return keras.ops.convert_to_numpy(tensor)
+
+
+# Mappings `id(variable) -> value` that `variable_value` reads first.
+_VARIABLE_VALUES = []
+
+
+@contextlib.contextmanager
+def variable_values(variables, values):
+    """Makes `variable_value(v)` return `values[i]` for `v = variables[i]`.
+
+    Keras's JAX trainer keeps the optimizer's state as arrays passed to the
+    train step, not in its variables (those hold stale values inside the
+    traced step), so a loss that reads that state gets it through this scope.
+    TensorFlow and PyTorch read their variables directly and never need it.
+
+    Args:
+        variables: Keras variables.
+        values: Their current values, one per variable.
+
+    Example:
+
+    >>> counter = keras.Variable(0.0)
+    >>> with variable_values([counter], [keras.ops.ones(())]):
+    ...     float(variable_value(counter))
+    1.0
+    >>> float(variable_value(counter))
+    0.0
+    """
+    _VARIABLE_VALUES.append({id(v): x for v, x in zip(variables, values)})
+    try:
+        yield
+    finally:
+        _VARIABLE_VALUES.pop()
+
+
+def variable_value(variable):
+    """The value of `variable` given by `variable_values`, else its own."""
+    for mapping in reversed(_VARIABLE_VALUES):
+        if id(variable) in mapping:
+            return mapping[id(variable)]
+    return variable.value
+
+
+def clear_gradients(variables):
+    """Drops the gradients PyTorch keeps on `variables`; no-op elsewhere.
+
+    Keras's PyTorch train step clears gradients with `Module.zero_grad`,
+    which reaches only the parameters the module tracks by variable path; a
+    Distiller whose teacher and student share paths (two KerasHub models of
+    one class) tracks one parameter per path, and the student's gradients
+    would otherwise add up from step to step.
+
+    Args:
+        variables: Keras variables.
+    """
+    if keras.backend.backend() != "torch":
+        return
+    for variable in variables:
+        variable.value.grad = None
 
 
 # ---- JAX ----

@@ -7,6 +7,7 @@ from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.utils import tracking
 
+from keras_distill import backend as distill_backend
 from keras_distill import callbacks
 from keras_distill import features
 from keras_distill import losses as losses_module
@@ -84,6 +85,29 @@ def _split_teacher_metrics(metrics):
         m for m in metrics if not isinstance(m, callbacks.TeacherStudentMetric)
     ]
     return student_metrics or None, teacher_metrics
+
+
+def token_count(sample_weight, logits):
+    """The number of real tokens (or examples) a loss is averaged over.
+
+    Args:
+        sample_weight: Optional weights or 0/1 padding mask broadcastable to
+            `logits.shape[:-1]`.
+        logits: The logits (or hidden states), `(..., classes)`.
+
+    Returns:
+        A float32 scalar: the sum of the weights, or the number of positions
+        without weights.
+
+    Example:
+
+    >>> float(token_count([[1, 1, 0], [1, 0, 0]], keras.ops.ones((2, 3, 10))))
+    3.0
+    """
+    positions = ops.ones_like(logits[..., 0], dtype="float32")
+    return losses_module.weighted_reduce(
+        positions, sample_weight, reduction="sum"
+    )
 
 
 def _check_model(name, model):
@@ -287,6 +311,14 @@ class Distiller(keras.Model):
         )
         self.alpha = None
         self.temperature = None
+        # Real tokens of the optimizer's current gradient-accumulation cycle
+        # before and after the last micro-batch, and the optimizer iteration
+        # that follows it (see `_normalize_over_accumulation`).
+        self._tokens_before = self._accumulation_counter("tokens_before")
+        self._tokens_after = self._accumulation_counter("tokens_after")
+        self._next_iteration = self._accumulation_counter(
+            "next_iteration", "int32"
+        )
         # Callbacks such as BackupAndRestore need a built model before `fit`.
         self.built = student.built and (teacher is None or teacher.built)
         if feature_distillation is not None:
@@ -297,6 +329,16 @@ class Distiller(keras.Model):
                 )
             feature_distillation.attach(student, teacher)
         self.feature_distillation = feature_distillation
+
+    def _accumulation_counter(self, name, dtype="float32"):
+        return self.add_weight(
+            shape=(),
+            initializer="zeros",
+            dtype=dtype,
+            trainable=False,
+            autocast=False,
+            name=f"accumulation_{name}",
+        )
 
     def _check_output_sizes(self, student, teacher):
         teacher_classes = None if teacher is None else _class_count(teacher)
@@ -577,7 +619,110 @@ class Distiller(keras.Model):
                     self._shared_logits(student_logits),
                     sample_weight,
                 )
+        if training:
+            loss = self._normalize_over_accumulation(
+                loss, token_count(sample_weight, student_logits)
+            )
         return scale_loss_for_distribution(loss)
+
+    def _accumulating_optimizer(self):
+        """The built optimizer that accumulates gradients, or None."""
+        optimizer = getattr(self, "optimizer", None)
+        # A LossScaleOptimizer (mixed_float16) accumulates in its inner one.
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        if optimizer is None or not optimizer.built:
+            return None
+        if not optimizer.gradient_accumulation_steps:
+            return None
+        return optimizer
+
+    def _normalize_over_accumulation(self, loss, tokens):
+        """`loss`, with the gradient of the whole accumulated batch's mean.
+
+        With `gradient_accumulation_steps=k`, Keras's optimizer applies the
+        mean of the `k` gradients it is given, each normalized by its own
+        micro-batch's tokens; but one step on the concatenated batch
+        normalizes every token by the batch's total. Given micro-batch `i`
+        with `n_i` real tokens and mean loss `L_i`, the gradient returned
+        here keeps the optimizer's accumulator equal to
+        `sum_j n_j grad(L_j) / sum_j n_j` over the cycle so far (it rescales
+        the accumulator through a term linear in the weights), and `k` times
+        that on the last micro-batch, so the applied update is
+        `sum_i n_i grad(L_i) / N` over all `N` real tokens: the same as one
+        step on the concatenated batch, and zero when they are all padding.
+        The value stays `L_i`, the micro-batch's own mean loss.
+
+        Args:
+            loss: The micro-batch's loss, a float32 scalar normalized by its
+                own `tokens`.
+            tokens: Its number of real tokens (sum of the token weights).
+
+        Returns:
+            `loss` unchanged without gradient accumulation; otherwise the same
+            value with the rescaled gradient.
+        """
+        optimizer = self._accumulating_optimizer()
+        if optimizer is None:
+            return loss
+        value = distill_backend.variable_value
+        steps = optimizer.gradient_accumulation_steps
+        iteration = ops.cast(value(optimizer._iterations), "int32")
+        first = ops.equal(iteration % steps, 0)
+        last = ops.equal((iteration + 1) % steps, 0)
+        # A micro-batch whose step a LossScaleOptimizer skipped (non-finite
+        # gradients) left the iteration unchanged: its tokens do not count.
+        previous_applied = ops.equal(iteration, self._next_iteration.value)
+        earlier = ops.where(
+            first,
+            0.0,
+            ops.where(
+                previous_applied,
+                self._tokens_after.value,
+                self._tokens_before.value,
+            ),
+        )
+        total = earlier + tokens
+        self._tokens_before.assign(earlier)
+        self._tokens_after.assign(total)
+        self._next_iteration.assign(iteration + 1)
+        inverse_total = ops.where(
+            total > 0, 1.0 / ops.maximum(total, 1e-30), 0.0
+        )
+        multiplier = ops.where(last, float(steps), 1.0)
+        objective = multiplier * tokens * inverse_total * loss
+        accumulator_weight = multiplier * earlier * inverse_total - 1.0
+        for variable in self.trainable_variables:
+            if getattr(variable, "overwrite_with_gradient", False):
+                continue
+            accumulated = value(
+                optimizer._accumulated_gradients[
+                    optimizer._get_variable_index(variable)
+                ]
+            )
+            # Gradient `accumulator_weight * accumulated` for this variable.
+            objective = objective + ops.sum(
+                ops.stop_gradient(accumulator_weight * accumulated)
+                * ops.cast(variable, accumulated.dtype)
+            )
+        # The value of `loss`, the gradient of `objective`.
+        return ops.stop_gradient(loss - objective) + objective
+
+    def zero_grad(self, set_to_none=True):
+        # Keras's PyTorch train step only: see `backend.clear_gradients`.
+        distill_backend.clear_gradients(self.trainable_variables)
+
+    def compute_loss_and_updates(
+        self, *args, optimizer_variables=None, **kwargs
+    ):
+        # Keras's JAX trainer only: it passes the optimizer's state here, and
+        # `_normalize_over_accumulation` reads it through `variable_value`.
+        variables = [] if optimizer_variables is None else self.optimizer.variables
+        with distill_backend.variable_values(
+            variables, optimizer_variables or []
+        ):
+            return super().compute_loss_and_updates(
+                *args, optimizer_variables=optimizer_variables, **kwargs
+            )
 
     def _check_compiled(self, method):
         if not self.compiled:

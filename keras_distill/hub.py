@@ -27,6 +27,7 @@ from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
 from keras_distill.distiller import Distiller
 from keras_distill.distiller import _is_keras_kl
 from keras_distill.distiller import split_targets
+from keras_distill.distiller import token_count
 from keras_distill.losses import DistillationLoss
 
 logger = logging.getLogger(__name__)
@@ -463,7 +464,9 @@ class CausalLMDistiller(Distiller):
                 x, y, sample_weight
             )
         if self.fused_loss:
-            return self._compute_fused_loss(x, y, y_pred, sample_weight)
+            return self._compute_fused_loss(
+                x, y, y_pred, sample_weight, training
+            )
         return super().compute_loss(
             x, y, y_pred, sample_weight=sample_weight, training=training
         )
@@ -607,7 +610,9 @@ class CausalLMDistiller(Distiller):
             "teacher_soft_cap": _soft_cap(self.teacher),
         }, finite
 
-    def _compute_fused_loss(self, x, y, hidden_states, sample_weight):
+    def _compute_fused_loss(
+        self, x, y, hidden_states, sample_weight, training=True
+    ):
         labels, teacher_outputs = split_targets(y)
         if labels is None and self.alpha > 0:
             raise ValueError(
@@ -644,6 +649,10 @@ class CausalLMDistiller(Distiller):
         self.distillation_loss_tracker.update_state(
             terms["distillation_loss"], batch_size
         )
+        if training:
+            loss = self._normalize_over_accumulation(
+                loss, token_count(sample_weight, hidden_states)
+            )
         return scale_loss_for_distribution(loss)
 
     def get_config(self):
