@@ -54,9 +54,8 @@ def models():
 def _distiller(models, fraction=None, seed=0, run_eagerly=False, **config):
     """A distiller of a fresh student with the initial weights.
 
-    Fresh, because on torch the gradients of a KerasHub model's variables
-    are not cleared between `fit` calls (its variables are not registered
-    torch parameters, so `zero_grad` misses them).
+    Fresh, so that no state of an earlier `fit` (optimizer, leftover
+    gradients) reaches the comparisons.
     """
     _, teacher, initial_weights = models
     student = _gemma(16, seed=1)
