@@ -246,7 +246,10 @@ class Distiller(keras.Model):
     `evaluate`, callbacks, `jit_compile`, gradient accumulation, mixed
     precision and `keras.distribution` work as for any Keras model: the
     Distiller only supplies `compute_loss`, and Keras's own `train_step` and
-    `test_step` on each backend do the rest. Calling the Distiller (and
+    `test_step` on each backend do the rest. With the optimizer's
+    `gradient_accumulation_steps=k`, the loss of the `k` micro-batches is
+    normalized by the real tokens (sample weights) of all of them together,
+    so the update equals one step on their concatenation. Calling the Distiller (and
     `predict`) runs the student.
 
     The teacher is frozen: `teacher.trainable` is set to `False`, it runs in
@@ -538,7 +541,10 @@ class Distiller(keras.Model):
         """Hard-label loss plus `T²`-scaled divergence to the teacher.
 
         Both terms are weighted by `sample_weight` and normalized by its sum;
-        a batch whose weights are all zero gives a loss of 0. If the teacher's
+        a batch whose weights are all zero gives a loss of 0. With the
+        optimizer's `gradient_accumulation_steps`, the gradient is normalized
+        by the weights of the whole accumulated batch instead (see
+        `_normalize_over_accumulation`); the value stays this batch's loss. If the teacher's
         outputs are not finite, the step's gradient is zero (no NaN reaches
         the student) and the returned loss is NaN, which stops `fit`.
         """
