@@ -390,6 +390,8 @@ def parse_args(argv=None):
                         help="epochs of each MNIST student (default: %(default)s)")
     parser.add_argument("--text-epochs", type=int, default=6,
                         help="epochs of each text student (default: %(default)s)")
+    parser.add_argument("--epochs", type=int,
+                        help="epochs of every student (sets both of the above)")
     parser.add_argument("--sequence-length", type=int, default=48,
                         help="tokens per sentence (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
@@ -398,6 +400,8 @@ def parse_args(argv=None):
     if args.quick:
         args.mnist_epochs = args.text_epochs = 1
         args.sequence_length = min(args.sequence_length, 24)
+    if args.epochs is not None:
+        args.mnist_epochs = args.text_epochs = args.epochs
     return args
 
 

@@ -81,3 +81,10 @@ def test_features_command_runs_the_example(capsys):
     assert "--text-epochs" in printed
     assert cli.main(["features", "--tasks", "images"]) == 2
     assert "--tasks" in capsys.readouterr().err
+
+
+def test_common_epochs_option_sets_every_students_epochs():
+    args = example.parse_args(["--quick", "--epochs", "3"])
+    assert (args.mnist_epochs, args.text_epochs) == (3, 3)
+    args = example.parse_args(["--mnist-epochs", "4"])
+    assert (args.mnist_epochs, args.text_epochs) == (4, 6)
