@@ -303,3 +303,22 @@ def test_on_policy_refusals(models, windows):
             teacher, np.ones((2, 3), "int32"), 2, sampler="random",
             temperature=0.0,
         )
+
+
+def test_save_and_load_after_on_policy_fit(on_policy_run, windows, tmp_path):
+    """The generated-batch variables are distiller state: a saved distiller
+    reloads with its on-policy setting and the student's exact weights."""
+    distiller = on_policy_run["distiller"]
+    path = tmp_path / "distiller.keras"
+    distiller.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.on_policy.get_config() == distiller.on_policy.get_config()
+    for expected, actual in zip(
+        distiller.student.get_weights(), loaded.student.get_weights()
+    ):
+        np.testing.assert_array_equal(expected, actual)
+    x, _, _ = windows
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(distiller.student.predict(x, verbose=0)),
+        keras.ops.convert_to_numpy(loaded.student.predict(x, verbose=0)),
+    )
