@@ -230,6 +230,36 @@ def clear_gradients(variables):
         variable.value.grad = None
 
 
+def check_compiled_accumulation(jit_compile, optimizer):
+    """Refuses `jit_compile=True` with gradient accumulation on PyTorch.
+
+    Under `torch.compile` the Distiller's token-normalized accumulation gave
+    an update that differs from the concatenated batch's, so the combination
+    is an error rather than a silently wrong update.
+
+    Args:
+        jit_compile: The model's resolved `jit_compile`.
+        optimizer: The compiled optimizer (a `LossScaleOptimizer` is looked
+            through).
+
+    Raises:
+        ValueError: On PyTorch, for `jit_compile=True` with an optimizer
+            that has `gradient_accumulation_steps`.
+    """
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    if (
+        keras.backend.backend() == "torch"
+        and jit_compile
+        and getattr(optimizer, "gradient_accumulation_steps", None)
+    ):
+        raise ValueError(
+            "`jit_compile=True` with an optimizer's "
+            "`gradient_accumulation_steps` is not supported on the PyTorch "
+            "backend (torch.compile gives a wrong accumulated update); pass "
+            "`jit_compile=False` or use JAX or TensorFlow."
+        )
+
+
 # ---- JAX ----
 
 

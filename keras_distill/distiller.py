@@ -436,6 +436,9 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         student_metrics, teacher_metrics = _split_teacher_metrics(metrics)
         super().compile(optimizer=optimizer, metrics=student_metrics, **kwargs)
+        distill_backend.check_compiled_accumulation(
+            self.jit_compile, self.optimizer
+        )
         self._set_teacher_metrics(teacher_metrics)
         self._compile_config.config.update(
             metrics=metrics,
