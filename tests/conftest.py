@@ -46,3 +46,35 @@ def restore_dtype_policy():
     policy = keras.config.dtype_policy()
     yield
     keras.config.set_dtype_policy(policy)
+
+
+def tiny_gemma3(vocabulary_size, hidden_dim, seed=0, preprocessor=None, **config):
+    """A one-block Gemma 3 causal LM built from a config (no download).
+
+    Args:
+        vocabulary_size: Rows of the embedding table.
+        hidden_dim: Model width; the two query heads each get half of it.
+        seed: Seeds the weight initialization.
+        preprocessor: Optional `Gemma3CausalLMPreprocessor`.
+        **config: Further `Gemma3Backbone` arguments (they override these).
+
+    Returns:
+        A `keras_hub.models.Gemma3CausalLM`.
+    """
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    arguments = dict(
+        vocabulary_size=vocabulary_size,
+        image_size=None,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=hidden_dim,
+        intermediate_dim=2 * hidden_dim,
+        head_dim=hidden_dim // 2,
+    )
+    backbone = keras_hub.models.Gemma3Backbone(**{**arguments, **config})
+    return keras_hub.models.Gemma3CausalLM(
+        backbone=backbone, preprocessor=preprocessor
+    )

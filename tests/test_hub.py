@@ -10,6 +10,7 @@ keras_hub = pytest.importorskip("keras_hub")
 
 from keras_distill import hub  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
+from tests.conftest import tiny_gemma3  # noqa: E402
 
 VOCABULARY_SIZE = 300
 SEQUENCE_LENGTH = 12
@@ -26,25 +27,13 @@ def tokenizer():
 
 
 def _gemma(tokenizer, hidden_dim, vocabulary_size=VOCABULARY_SIZE, seed=0, **config):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=vocabulary_size,
-        image_size=None,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=hidden_dim,
-        intermediate_dim=2 * hidden_dim,
-        head_dim=hidden_dim // 2,
-        **config,
-    )
     preprocessor = None
     if tokenizer is not None:
         preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
             tokenizer=tokenizer, sequence_length=SEQUENCE_LENGTH
         )
-    return keras_hub.models.Gemma3CausalLM(
-        backbone=backbone, preprocessor=preprocessor
+    return tiny_gemma3(
+        vocabulary_size, hidden_dim, seed=seed, preprocessor=preprocessor, **config
     )
 
 

@@ -11,6 +11,7 @@ from keras_distill import losses  # noqa: E402
 from keras_distill import on_policy  # noqa: E402
 from keras_distill.callbacks import TeacherAgreement  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
+from tests.conftest import tiny_gemma3  # noqa: E402
 
 VOCABULARY_SIZE = 300
 SEQUENCE_LENGTH = 12
@@ -31,18 +32,7 @@ def windows():
 
 
 def _gemma(hidden_dim, seed):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=VOCABULARY_SIZE,
-        image_size=None,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=hidden_dim,
-        intermediate_dim=2 * hidden_dim,
-        head_dim=hidden_dim // 2,
-    )
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    return tiny_gemma3(VOCABULARY_SIZE, hidden_dim, seed=seed)
 
 
 @pytest.fixture(scope="module")

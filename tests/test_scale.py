@@ -10,6 +10,7 @@ import pytest
 keras_hub = pytest.importorskip("keras_hub")
 
 from keras_distill import hub  # noqa: E402
+from tests.conftest import tiny_gemma3  # noqa: E402
 
 VOCABULARY, SEQUENCE = 64, 8
 # Real tokens per sequence: unequal, and micro-batch 2 (of 2 sequences) all
@@ -18,18 +19,7 @@ LENGTHS = [8, 3, 0, 0, 5, 1, 8, 6]
 
 
 def gemma(hidden_dim, seed):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=VOCABULARY,
-        image_size=None,
-        num_layers=1,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=hidden_dim,
-        intermediate_dim=2 * hidden_dim,
-        head_dim=hidden_dim // 2,
-    )
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    return tiny_gemma3(VOCABULARY, hidden_dim, seed=seed)
 
 
 def token_batch(lengths=LENGTHS):
