@@ -538,15 +538,15 @@ class CausalLMDistiller(Distiller):
             x, y, sample_weight, batch_size, shuffle, seed
         )
         generated = self._generated_batch
-        if generated is None or (generated.batch_size, generated.sequence_length) != (
-            batch_size, sequence_length
-        ):
-            if generated is not None:
-                raise ValueError(
-                    f"This distiller was fit with batches of shape "
-                    f"{(generated.batch_size, generated.sequence_length)}; "
-                    "on-policy training keeps one shape so nothing recompiles."
-                )
+        if generated is not None and (
+            generated.batch_size, generated.sequence_length
+        ) != (batch_size, sequence_length):
+            raise ValueError(
+                f"This distiller was fit with batches of shape "
+                f"{(generated.batch_size, generated.sequence_length)}; "
+                "on-policy training keeps one shape so nothing recompiles."
+            )
+        if generated is None:
             self._generated_batch = on_policy_module.GeneratedBatch(
                 batch_size, sequence_length, name="generated_batch"
             )
