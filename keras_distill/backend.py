@@ -230,34 +230,42 @@ def clear_gradients(variables):
         variable.value.grad = None
 
 
-def check_compiled_accumulation(jit_compile, optimizer):
-    """Refuses `jit_compile=True` with gradient accumulation on PyTorch.
+def assign_outside_compiled_graph(*assignments):
+    """`variable.assign(value)` for each pair, outside `torch.compile` graphs.
 
-    Under `torch.compile` the Distiller's token-normalized accumulation gave
-    an update that differs from the concatenated batch's, so the combination
-    is an error rather than a silently wrong update.
+    PyTorch's AOTAutograd (seen with torch 2.13) may recompute values that
+    the backward pass needs from the compiled graph's inputs, after the
+    graph has written its in-place updates to those inputs: a gradient that
+    depends on a variable which the same graph then assigns sees the
+    assigned value. (`Distiller._normalize_over_accumulation` read its token
+    counters, assigned the new totals, and under `torch.compile` the
+    gradient counted the micro-batch's tokens twice.) Assigning outside the
+    graph splits it there: the values read before this call reach the rest
+    of the step as tensors, not as the variables. Compute what the gradient
+    needs from those tensors, not by reading the variables again. On JAX and
+    TensorFlow, and in eager PyTorch, this is a plain `assign`.
 
     Args:
-        jit_compile: The model's resolved `jit_compile`.
-        optimizer: The compiled optimizer (a `LossScaleOptimizer` is looked
-            through).
+        *assignments: `(variable, value)` pairs.
 
-    Raises:
-        ValueError: On PyTorch, for `jit_compile=True` with an optimizer
-            that has `gradient_accumulation_steps`.
+    Example:
+
+    >>> counter = keras.Variable(0.0)
+    >>> assign_outside_compiled_graph((counter, 2.0))
+    >>> float(counter.value)
+    2.0
     """
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-    if (
-        keras.backend.backend() == "torch"
-        and jit_compile
-        and getattr(optimizer, "gradient_accumulation_steps", None)
-    ):
-        raise ValueError(
-            "`jit_compile=True` with an optimizer's "
-            "`gradient_accumulation_steps` is not supported on the PyTorch "
-            "backend (torch.compile gives a wrong accumulated update); pass "
-            "`jit_compile=False` or use JAX or TensorFlow."
-        )
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.compiler.disable(_assign)(assignments)
+        return
+    _assign(assignments)
+
+
+def _assign(assignments):
+    for variable, value in assignments:
+        variable.assign(value)
 
 
 # ---- JAX ----

@@ -436,9 +436,6 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         student_metrics, teacher_metrics = _split_teacher_metrics(metrics)
         super().compile(optimizer=optimizer, metrics=student_metrics, **kwargs)
-        distill_backend.check_compiled_accumulation(
-            self.jit_compile, self.optimizer
-        )
         self._set_teacher_metrics(teacher_metrics)
         self._compile_config.config.update(
             metrics=metrics,
@@ -691,9 +688,13 @@ class Distiller(keras.Model):
             ),
         )
         total = earlier + tokens
-        self._tokens_before.assign(earlier)
-        self._tokens_after.assign(total)
-        self._next_iteration.assign(iteration + 1)
+        # Outside torch.compile's graph, which would otherwise compute the
+        # gradient below from the counters as assigned here.
+        distill_backend.assign_outside_compiled_graph(
+            (self._tokens_before, earlier),
+            (self._tokens_after, total),
+            (self._next_iteration, iteration + 1),
+        )
         inverse_total = ops.where(
             total > 0, 1.0 / ops.maximum(total, 1e-30), 0.0
         )

@@ -122,8 +122,9 @@ def test_all_padding_accumulated_batch_leaves_the_weights_unchanged():
 
 @pytest.mark.skipif(
     keras.backend.backend() == "torch",
-    reason="refused on PyTorch: torch.compile gave a wrong accumulated "
-    "update (see the next test)",
+    reason="passes, but torch.compile of Keras's train step takes ~60 s on 2 "
+    "cores (Keras's own graph breaks and recompiles); the next test checks "
+    "the part that failed under torch.compile",
 )
 def test_jit_compiled_accumulation_matches_eager_concatenated_steps():
     _, _, weights = token_data()
@@ -148,15 +149,29 @@ def test_jit_compiled_accumulation_matches_eager_concatenated_steps():
     np.testing.assert_allclose(jit_losses, eager_losses, rtol=1e-6)
 
 
-def test_torch_jit_compile_with_accumulation_is_refused_elsewhere_allowed():
-    """A wrong update under torch.compile is an error, not silent."""
-    teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
-    distiller = Distiller(student=student, teacher=teacher)
-    optimizer = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
-    if keras.backend.backend() != "torch":
-        distiller.compile(optimizer=optimizer, alpha=0.0, jit_compile=True)
-        return
-    with pytest.raises(ValueError, match="`jit_compile=False`"):
-        distiller.compile(optimizer=optimizer, alpha=0.0, jit_compile=True)
-    distiller.compile(optimizer=optimizer, alpha=0.0, jit_compile=False)
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torch.compile's partitioning"
+)
+def test_gradient_from_a_counter_assigned_outside_torch_compile_graph():
+    """torch.compile's backward must not see the counter's assigned value.
+
+    `Distiller._normalize_over_accumulation` in small: a gradient scaled by
+    a count read from a variable that the step then updates. Assigned inside
+    the compiled graph, AOTAutograd recomputed the scale from the updated
+    variable (a gradient of 15/45 instead of 15/30).
+    """
+    import torch
+
+    from keras_distill.backend import assign_outside_compiled_graph
+
+    def step(counter, weight):
+        total = counter.value + 15.0
+        assign_outside_compiled_graph((counter, total))
+        (15.0 / total * weight.value).backward()
+
+    for function in (step, torch.compile(step)):
+        counter = keras.Variable(15.0, trainable=False)
+        weight = keras.Variable(2.0)
+        function(counter, weight)
+        assert float(weight.value.grad) == pytest.approx(0.5)
+        assert float(counter.value) == 30.0
