@@ -79,6 +79,7 @@ from keras_distill.distiller import LABELS
 from keras_distill.distiller import TEACHER_LOGITS
 from keras_distill.distiller import TEACHER_TOP_INDICES
 from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
+from keras_distill.losses import check_positive_int
 from keras_distill.sparse import top_k_teacher_targets
 
 MANIFEST = "manifest.json"
@@ -607,21 +608,13 @@ class TeacherOutputCache:
             )
         if format not in FORMATS:
             raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}.")
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
-        ):
-            raise ValueError(f"`top_k` must be a positive int, got {top_k!r}.")
+        check_positive_int("top_k", top_k, allow_none=True)
         if format == "compact" and top_k is None:
             raise ValueError(
                 'format="compact" stores top-k targets: pass `top_k` (e.g. '
                 "256 for a language model), or use float16 dense logits."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-            batch_size < 1
-        ):
-            raise ValueError(
-                f"`batch_size` must be a positive int, got {batch_size!r}."
-            )
+        check_positive_int("batch_size", batch_size)
         if not _is_stream(inputs):
             inputs = _check_arrays(inputs)
         _check_deterministic(inputs)
@@ -994,12 +987,7 @@ class CachedTeacherDataset(keras.utils.PyDataset):
         self, cache, inputs, labels, sample_weight, batch_size, shuffle, seed
     ):
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-            batch_size < 1
-        ):
-            raise ValueError(
-                f"`batch_size` must be a positive int, got {batch_size!r}."
-            )
+        check_positive_int("batch_size", batch_size)
         num_examples = _num_examples(inputs)
         for name, values in (("labels", labels), ("sample_weight", sample_weight)):
             if values is not None and len(values) != num_examples:

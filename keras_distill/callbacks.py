@@ -73,9 +73,7 @@ class TeacherStudentMetric(keras.metrics.Metric):
             losses_module.weighted_reduce(values, sample_weight, "sum")
         )
         self.count.assign_add(
-            losses_module.weighted_reduce(
-                ops.ones_like(values), sample_weight, "sum"
-            )
+            losses_module.token_count(sample_weight, student_logits)
         )
 
     def result(self):

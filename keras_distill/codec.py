@@ -41,6 +41,8 @@ offset with a 5-byte window. No Python loop runs per token or per entry.
 
 import numpy as np
 
+from keras_distill.losses import check_positive_int
+
 HEADER_BYTES = 10
 _MAX_STEP_EXPONENT = 116  # step 2^-29: q < 2^30, fields of at most 31 bits
 _MARGIN = 1.0 - 1e-4  # the float32 decode may differ from float64 in the 7th digit
@@ -60,9 +62,8 @@ def _check_targets(top_log_probs, top_indices, vocabulary_size):
         raise TypeError(
             f"`top_indices` must be integers, got dtype {top_indices.dtype}."
         )
-    if isinstance(vocabulary_size, bool) or not isinstance(
-        vocabulary_size, (int, np.integer)
-    ) or vocabulary_size < top_indices.shape[-1]:
+    check_positive_int("vocabulary_size", vocabulary_size)
+    if vocabulary_size < top_indices.shape[-1]:
         raise ValueError(
             "`vocabulary_size` must be an int of at least k = "
             f"{top_indices.shape[-1]}, got {vocabulary_size!r}."

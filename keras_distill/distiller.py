@@ -87,29 +87,6 @@ def _split_teacher_metrics(metrics):
     return student_metrics or None, teacher_metrics
 
 
-def token_count(sample_weight, logits):
-    """The number of real tokens (or examples) a loss is averaged over.
-
-    Args:
-        sample_weight: Optional weights or 0/1 padding mask broadcastable to
-            `logits.shape[:-1]`.
-        logits: The logits (or hidden states), `(..., classes)`.
-
-    Returns:
-        A float32 scalar: the sum of the weights, or the number of positions
-        without weights.
-
-    Example:
-
-    >>> float(token_count([[1, 1, 0], [1, 0, 0]], keras.ops.ones((2, 3, 10))))
-    3.0
-    """
-    positions = ops.ones_like(logits[..., 0], dtype="float32")
-    return losses_module.weighted_reduce(
-        positions, sample_weight, reduction="sum"
-    )
-
-
 def _check_model(name, model):
     if not isinstance(model, keras.layers.Layer):
         raise TypeError(
@@ -627,7 +604,7 @@ class Distiller(keras.Model):
                 )
         if training:
             loss = self._normalize_over_accumulation(
-                loss, token_count(sample_weight, student_logits)
+                loss, losses_module.token_count(sample_weight, student_logits)
             )
         return scale_loss_for_distribution(loss)
 

@@ -294,8 +294,7 @@ def layer_mapping(num_student_layers, num_teacher_layers, strategy="uniform"):
         ("num_student_layers", num_student_layers),
         ("num_teacher_layers", num_teacher_layers),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        losses_module.check_positive_int(name, value)
     if strategy == "uniform":
         return [
             (i, math.ceil((i + 1) * num_teacher_layers / num_student_layers) - 1)

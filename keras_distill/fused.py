@@ -481,21 +481,6 @@ def _tiled_loss(*config):
 # ---- argument checks ----
 
 
-def _check_chunk_size(name, chunk_size):
-    if chunk_size is None:
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(
-            f"`{name}` must be a Python int or None (chosen for you), got "
-            f"{chunk_size!r} of type {type(chunk_size).__name__}."
-        )
-    if chunk_size < 1:
-        raise ValueError(
-            f"`{name}` must be at least 1, got {chunk_size}. Pass e.g. 16, or "
-            "None to use the default."
-        )
-
-
 def _check_divergence(divergence, divergence_kwargs):
     if divergence not in losses.DIVERGENCES:
         raise ValueError(
@@ -649,7 +634,7 @@ def chunked_distillation_loss(
     True
     """
     losses.check_positive_number("temperature", temperature)
-    _check_chunk_size("chunk_size", chunk_size)
+    losses.check_positive_int("chunk_size", chunk_size, allow_none=True)
     divergence_kwargs = tuple(sorted(divergence_kwargs.items()))
     _check_divergence(divergence, divergence_kwargs)
     teacher_logits = ops.convert_to_tensor(teacher_logits)
@@ -791,8 +776,10 @@ def fused_distillation_loss(
     """
     losses.check_positive_number("temperature", temperature)
     losses.check_unit_interval("alpha", alpha)
-    _check_chunk_size("chunk_size", chunk_size)
-    _check_chunk_size("vocabulary_chunk_size", vocabulary_chunk_size)
+    losses.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    losses.check_positive_int(
+        "vocabulary_chunk_size", vocabulary_chunk_size, allow_none=True
+    )
     for name, cap in (("soft_cap", soft_cap), ("teacher_soft_cap", teacher_soft_cap)):
         if cap is not None:
             losses.check_positive_number(name, cap)

@@ -27,7 +27,6 @@ from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
 from keras_distill.distiller import Distiller
 from keras_distill.distiller import _is_keras_kl
 from keras_distill.distiller import split_targets
-from keras_distill.distiller import token_count
 from keras_distill.losses import DistillationLoss
 
 logger = logging.getLogger(__name__)
@@ -651,7 +650,7 @@ class CausalLMDistiller(Distiller):
         )
         if training:
             loss = self._normalize_over_accumulation(
-                loss, token_count(sample_weight, hidden_states)
+                loss, losses.token_count(sample_weight, hidden_states)
             )
         return scale_loss_for_distribution(loss)
 
@@ -708,11 +707,7 @@ def language_model_windows(tokenizer, text, sequence_length, add_bos=True):
     >>> x["token_ids"].shape, labels[0].tolist()
     ((3, 4), [111, 32, 98, 101])
     """
-    if not isinstance(sequence_length, int) or sequence_length < 1:
-        raise ValueError(
-            f"`sequence_length` must be a positive integer, got "
-            f"{sequence_length!r}."
-        )
+    losses.check_positive_int("sequence_length", sequence_length)
     token_ids = np.asarray(ops.convert_to_numpy(tokenizer(text)), "int32")
     window = sequence_length + 1
     start_token_id = getattr(tokenizer, "start_token_id", None)

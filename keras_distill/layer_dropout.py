@@ -126,8 +126,7 @@ def progressive_rates(num_blocks, base_rate):
     [0.125, 0.25, 0.375, 0.5]
     """
     losses_module.check_unit_interval("base_rate", base_rate, include_one=False)
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"`num_blocks` must be an integer >= 1, got {num_blocks!r}.")
+    losses_module.check_positive_int("num_blocks", num_blocks)
     return [base_rate * (block + 1) / num_blocks for block in range(num_blocks)]
 
 
@@ -438,10 +437,7 @@ class StochasticDepthSchedule(keras.callbacks.Callback):
 
     def __init__(self, warmup_epochs):
         super().__init__()
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 1:
-            raise ValueError(
-                f"`warmup_epochs` must be an integer >= 1, got {warmup_epochs!r}."
-            )
+        losses_module.check_positive_int("warmup_epochs", warmup_epochs)
         self.warmup_epochs = warmup_epochs
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -41,6 +41,42 @@ def check_positive_number(name, value):
         )
 
 
+def check_positive_int(name, value, allow_none=False):
+    """Raises unless `value` is a Python int of at least 1.
+
+    Args:
+        name: The argument's name, quoted in the error message.
+        value: The value to check.
+        allow_none: Whether `None` (the argument's default) is accepted too.
+
+    Raises:
+        TypeError: If `value` is not a Python int, or is a bool.
+        ValueError: If `value` is an int below 1.
+
+    Example:
+
+    >>> check_positive_int("batch_size", 32)
+    >>> check_positive_int("batch_size", 0)
+    Traceback (most recent call last):
+        ...
+    ValueError: `batch_size` must be a Python int >= 1, got 0.
+    """
+    if value is None and allow_none:
+        return
+    expected = "a Python int >= 1"
+    if allow_none:
+        expected += " or None (the default)"
+    # Python ints only: a NumPy integer breaks JSON configs and some
+    # TensorFlow index ops.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"`{name}` must be {expected}, got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    if value < 1:
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+
+
 def _check_temperature(temperature):
     check_positive_number("temperature", temperature)
 
@@ -129,6 +165,27 @@ def weighted_reduce(values, sample_weight=None, reduction="mean"):
     # would put 0 * inf into the gradient when every weight is zero.
     safe_sum = ops.where(ops.equal(weight_sum, 0.0), 1.0, weight_sum)
     return total / safe_sum
+
+
+def token_count(sample_weight, logits):
+    """The number of real tokens (or examples) a loss is averaged over.
+
+    Args:
+        sample_weight: Optional weights or 0/1 padding mask broadcastable to
+            `logits.shape[:-1]`.
+        logits: The logits (or hidden states), `(..., classes)`.
+
+    Returns:
+        A float32 scalar: the sum of the weights, or the number of positions
+        without weights.
+
+    Example:
+
+    >>> float(token_count([[1, 1, 0], [1, 0, 0]], keras.ops.ones((2, 3, 10))))
+    3.0
+    """
+    positions = ops.ones_like(logits[..., 0], dtype="float32")
+    return weighted_reduce(positions, sample_weight, reduction="sum")
 
 
 def _kl(log_p, log_q):

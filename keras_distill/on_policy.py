@@ -48,15 +48,6 @@ def _keras_hub():
     return _keras_hub()
 
 
-def _check_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be a positive integer, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-
-
 def make_sampler(sampler, temperature=1.0, seed=None):
     """A KerasHub sampler from a name, or a checked sampler instance.
 
@@ -305,12 +296,12 @@ def generate_sequences(
 
     _check_causal_lm("causal_lm", causal_lm)
     prompt_ids, prompt_mask = _as_prompts(prompts)
-    _check_positive_int("max_new_tokens", max_new_tokens)
-    _check_positive_int("batch_size", batch_size)
+    losses.check_positive_int("max_new_tokens", max_new_tokens)
+    losses.check_positive_int("batch_size", batch_size)
     prompt_length = prompt_ids.shape[1]
     if sequence_length is None:
         sequence_length = prompt_length + max_new_tokens
-    _check_positive_int("sequence_length", sequence_length)
+    losses.check_positive_int("sequence_length", sequence_length)
     _check_room(prompt_length, max_new_tokens, sequence_length)
     generator = SequenceGenerator(
         causal_lm, make_sampler(sampler, temperature, seed), stop_token_ids
@@ -375,8 +366,10 @@ class OnPolicyGeneration:
         stop_token_ids=None,
     ):
         losses.check_unit_interval("fraction", fraction)
-        _check_positive_int("prompt_length", prompt_length)
-        _check_positive_int("max_new_tokens", max_new_tokens, allow_none=True)
+        losses.check_positive_int("prompt_length", prompt_length)
+        losses.check_positive_int(
+            "max_new_tokens", max_new_tokens, allow_none=True
+        )
         if seed is not None and (
             isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
         ):

@@ -27,6 +27,8 @@ import warnings
 import keras
 import numpy as np
 
+from keras_distill.losses import check_positive_int
+
 QUANTIZATION_MODES = ("int8", "int4", "float8")
 _CALIBRATED_MODES = ("gptq", "awq")
 
@@ -243,10 +245,7 @@ def compare_quantized(
     modes = tuple(modes)
     for mode in modes:
         _check_mode(mode)
-    if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
-        raise ValueError(
-            f"`latency_repeats` must be an integer >= 1, got {latency_repeats!r}."
-        )
+    check_positive_int("latency_repeats", latency_repeats)
     _check_float(student, "student")
     models = [("teacher", "float", _inference_copy(teacher))] if teacher is not None else []
     models.append(("student", "float", _inference_copy(student)))

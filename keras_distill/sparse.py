@@ -32,6 +32,7 @@ import keras
 from keras import ops
 
 from keras_distill.losses import _check_temperature
+from keras_distill.losses import check_positive_int
 from keras_distill.losses import check_positive_number
 from keras_distill.losses import check_reduction
 from keras_distill.losses import weighted_reduce
@@ -44,13 +45,7 @@ _MIN_UNIFORM = 1e-30
 
 
 def _check_k(k, num_classes):
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(
-            f"`k` must be a Python int (the number of teacher entries kept per "
-            f"position), got {k!r} of type {type(k).__name__}."
-        )
-    if k < 1:
-        raise ValueError(f"`k` must be at least 1, got k={k}.")
+    check_positive_int("k", k)
     if num_classes is not None and k > num_classes:
         raise ValueError(
             f"`k` must be at most the vocabulary size: got k={k} for "

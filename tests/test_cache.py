@@ -482,6 +482,8 @@ def test_bad_dataset_arguments_are_named(tmp_path):
         cache.dataset(Batches(x, y), batch_size=8)
     with pytest.raises(ValueError, match="`batch_size`"):
         cache.dataset(x, y, batch_size=0)
+    with pytest.raises(TypeError, match="`batch_size`"):
+        cache.dataset(x, y, batch_size=8.0)
 
 
 def test_infinite_pydataset_is_refused(tmp_path):

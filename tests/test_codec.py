@@ -156,6 +156,7 @@ def test_total_variation_matches_by_index():
         ([[0.0, -1.0]], [[0, 1, 2]], 4, {}, ValueError, "shape"),
         ([[0.0, -1.0]], [[0.0, 1.0]], 4, {}, TypeError, "integers"),
         ([[0.0, -1.0]], [[0, 1]], 1, {}, ValueError, "`vocabulary_size`"),
+        ([[0.0, -1.0]], [[0, 1]], 4.0, {}, TypeError, "`vocabulary_size`"),
         ([[0.0, -1.0]], [[0, 1]], 4, {"max_total_variation": 0}, ValueError, "max_total"),
     ],
 )

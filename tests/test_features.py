@@ -195,6 +195,8 @@ def test_layer_mapping_strategies():
         layer_mapping(2, 2, "attention")
     with pytest.raises(ValueError, match="num_teacher_layers"):
         layer_mapping(2, 0)
+    with pytest.raises(TypeError, match="num_student_layers"):
+        layer_mapping(2.0, 4)
 
 
 # ---- Models ----

@@ -533,9 +533,9 @@ def fused_arguments(**overrides):
 
 
 BAD_FUSED_ARGUMENTS = [
-    ({"chunk_size": 0}, ValueError, "`chunk_size` must be at least 1"),
-    ({"chunk_size": -2}, ValueError, "`chunk_size` must be at least 1"),
-    ({"chunk_size": 2.5}, TypeError, "`chunk_size` must be a Python int"),
+    ({"chunk_size": 0}, ValueError, "`chunk_size` must be a Python int >= 1"),
+    ({"chunk_size": -2}, ValueError, "`chunk_size` must be a Python int >= 1"),
+    ({"chunk_size": 2.5}, TypeError, "`chunk_size` must be a Python int >= 1"),
     ({"vocabulary_chunk_size": 0}, ValueError, "`vocabulary_chunk_size`"),
     (
         {"student_embedding": np.zeros((CLASSES, HIDDEN + 1), "float32")},
@@ -667,8 +667,8 @@ def test_fused_teacher_embedding_must_match_the_vocabulary():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"chunk_size": 0}, ValueError, "`chunk_size` must be at least 1"),
-        ({"chunk_size": "8"}, TypeError, "`chunk_size` must be a Python int"),
+        ({"chunk_size": 0}, ValueError, "`chunk_size` must be a Python int >= 1"),
+        ({"chunk_size": "8"}, TypeError, "`chunk_size` must be a Python int >= 1"),
         ({"divergence": "jsd"}, ValueError, "`divergence` must be one of"),
         (
             {"divergence": "generalized_jsd", "beta": 2.0},

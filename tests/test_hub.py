@@ -317,6 +317,8 @@ def test_language_model_windows_on_shakespeare(tokenizer):
     assert weight.all() and x["padding_mask"].all()
     with pytest.raises(ValueError, match="sequence_length"):
         hub.language_model_windows(tokenizer, text, 0)
+    with pytest.raises(TypeError, match="sequence_length"):
+        hub.language_model_windows(tokenizer, text, True)
 
 
 @pytest.mark.parametrize("soft_cap", [None, 1.5])

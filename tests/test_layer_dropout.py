@@ -104,6 +104,8 @@ def test_progressive_rates():
         progressive_rates(3, 1.0)
     with pytest.raises(ValueError, match="num_blocks"):
         progressive_rates(0, 0.1)
+    with pytest.raises(TypeError, match="num_blocks"):
+        progressive_rates(True, 0.1)
 
 
 # ---- The view of a plain residual model ----
@@ -344,6 +346,8 @@ def test_ambiguous_and_wide_adds_are_refused():
 def test_schedule_arguments_and_missing_layers():
     with pytest.raises(ValueError, match="warmup_epochs"):
         StochasticDepthSchedule(0)
+    with pytest.raises(TypeError, match="warmup_epochs"):
+        StochasticDepthSchedule(2.0)
     schedule = StochasticDepthSchedule(2)
     schedule.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
     with pytest.raises(ValueError, match="no StochasticDepth"):

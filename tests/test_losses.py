@@ -266,6 +266,30 @@ def test_bad_mixture_weights_are_named(fn, kwargs, match):
         fn(teacher, student, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "value,error",
+    [
+        (0, ValueError),
+        (-3, ValueError),
+        (2.0, TypeError),
+        (True, TypeError),
+        (np.int64(2), TypeError),
+        ("2", TypeError),
+        (None, TypeError),
+    ],
+)
+def test_check_positive_int_refuses_with_the_name(value, error):
+    with pytest.raises(error, match="`top_k` must be a Python int >= 1, got"):
+        losses.check_positive_int("top_k", value)
+
+
+def test_check_positive_int_accepts_ints_and_allowed_none():
+    losses.check_positive_int("top_k", 1)
+    losses.check_positive_int("top_k", None, allow_none=True)
+    with pytest.raises(ValueError, match=r"`top_k` must be .* or None"):
+        losses.check_positive_int("top_k", 0, allow_none=True)
+
+
 def test_class_count_mismatch_names_both_sizes():
     teacher = np.zeros((2, 11), "float32")
     student = np.zeros((2, 10), "float32")

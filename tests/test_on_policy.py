@@ -219,18 +219,20 @@ def test_config_round_trips(models):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"fraction": 1.5}, "`fraction` must be in"),
-        ({"fraction": -0.1}, "`fraction` must be in"),
-        ({"temperature": 0.0}, "`temperature` must be"),
-        ({"temperature": -1.0}, "`temperature` must be"),
-        ({"sampler": "beam_search"}, "`sampler` must be one of"),
-        ({"prompt_length": 0}, "`prompt_length` must be a positive"),
+        ({"fraction": 1.5}, ValueError, "`fraction` must be in"),
+        ({"fraction": -0.1}, ValueError, "`fraction` must be in"),
+        ({"temperature": 0.0}, ValueError, "`temperature` must be"),
+        ({"temperature": -1.0}, ValueError, "`temperature` must be"),
+        ({"sampler": "beam_search"}, ValueError, "`sampler` must be one of"),
+        ({"prompt_length": 0}, ValueError, "`prompt_length` must be a Python int >= 1"),
+        ({"prompt_length": 4.0}, TypeError, "`prompt_length` must be a Python int >= 1"),
+        ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be a Python int >= 1 or None"),
     ],
 )
-def test_bad_configs_name_the_argument(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_configs_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
         on_policy.OnPolicyGeneration(**kwargs)
 
 

@@ -211,3 +211,5 @@ def test_already_quantized_unbuilt_and_non_models_are_refused(trained):
         quantize_student(keras.layers.Dense(2), "int8")
     with pytest.raises(ValueError, match="latency_repeats"):
         compare_quantized(student, np.zeros((2, 28, 28, 1)), [0, 0], latency_repeats=0)
+    with pytest.raises(TypeError, match="latency_repeats"):
+        compare_quantized(student, np.zeros((2, 28, 28, 1)), [0, 0], latency_repeats=1.5)

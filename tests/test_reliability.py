@@ -408,6 +408,18 @@ BAD_INPUTS = {
         ),
         ValueError, "`top_k`",
     ),
+    "cache top_k a float": (
+        lambda tmp: TeacherOutputCache.build(
+            make_model(1), make_data()[0], tmp / "c", top_k=2.0
+        ),
+        TypeError, "`top_k`",
+    ),
+    "cache batch_size zero": (
+        lambda tmp: TeacherOutputCache.build(
+            make_model(1), make_data()[0], tmp / "c", batch_size=0
+        ),
+        ValueError, "`batch_size`",
+    ),
     "cache compact without top_k": (
         lambda tmp: TeacherOutputCache.build(
             make_model(1), make_data()[0], tmp / "c", format="compact"

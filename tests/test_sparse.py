@@ -463,9 +463,9 @@ def test_error_against_dense_shrinks_as_k_grows():
     "kwargs,error,match",
     [
         ({"k": 9}, ValueError, r"k=9 for `teacher_logits` with 8 classes"),
-        ({"k": 0}, ValueError, "`k` must be at least 1"),
-        ({"k": 2.0}, TypeError, "`k` must be a Python int"),
-        ({"k": True}, TypeError, "`k` must be a Python int"),
+        ({"k": 0}, ValueError, "`k` must be a Python int >= 1"),
+        ({"k": 2.0}, TypeError, "`k` must be a Python int >= 1"),
+        ({"k": True}, TypeError, "`k` must be a Python int >= 1"),
         ({"k": 2, "temperature": 0.0}, ValueError, "temperature"),
         ({"k": 2, "temperature": -1.0}, ValueError, "temperature"),
         ({"k": 2, "temperature": "hot"}, TypeError, "temperature"),
