@@ -120,12 +120,6 @@ def test_all_padding_accumulated_batch_leaves_the_weights_unchanged():
     assert all(math.isfinite(v) for v in losses)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="passes, but torch.compile of Keras's train step takes ~60 s on 2 "
-    "cores (Keras's own graph breaks and recompiles); the next test checks "
-    "the part that failed under torch.compile",
-)
 def test_jit_compiled_accumulation_matches_eager_concatenated_steps():
     _, _, weights = token_data()
     accumulated, jit_losses = trained_weights(
