@@ -529,7 +529,7 @@ class CausalLMDistiller(Distiller):
             raise ValueError("With `on_policy`, pass the labels `y`.")
         batch_size = batch_size or 32
         sequence_length = np.shape(x["token_ids"])[1]
-        self.on_policy.new_tokens(sequence_length)  # checks the prompt length
+        self.on_policy.check_fit_data(sequence_length, sample_weight)
         seed = self.on_policy.seed
         if seed is None:
             seed = int(np.random.randint(2**31 - 1))

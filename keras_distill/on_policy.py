@@ -10,7 +10,12 @@ CausalLMDistiller`:
   (its first `prompt_length` tokens) are continued by the *current* student
   with a KerasHub sampler; the step then runs teacher and student on those
   sequences and minimizes the compiled divergence over the generated tokens
-  only. Otherwise the step is the ordinary supervised one.
+  only. Otherwise the step is the ordinary supervised one. For instruction
+  data, whose prompts differ in length, `prompt_length="sample_weight"`
+  takes each row's prompt from its loss weights instead: the tokens before
+  its first weighted label, as KerasHub's CausalLM preprocessors weight the
+  response only (`prompt_lengths`); each row is continued from its own
+  prompt's end.
 - Sequence-level: `generate_sequences(teacher, prompts, ...)` generates
   the teacher's continuations of a prompt set once and returns `(x, labels,
   sample_weight)` that weight the continuation only; the same
@@ -40,6 +45,9 @@ from keras import ops
 from keras_distill import losses
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p")
+# `OnPolicyGeneration(prompt_length=...)` for per-row prompts read from the
+# batch's `sample_weight`.
+PROMPT_FROM_SAMPLE_WEIGHT = "sample_weight"
 
 
 def _keras_hub():
@@ -200,15 +208,104 @@ def continuation_batch(
     token_ids[:, :prompt_length] = np.where(prompt_mask, prompt_ids, 0)
     padding_mask[:, :prompt_length] = prompt_mask
     generated_ids, generated_mask = generator(token_ids, padding_mask)
-    new_tokens = generated_mask & ~padding_mask
-    pad = sequence_length - length
-    generated_ids = np.pad(generated_ids * generated_mask, ((0, 0), (0, pad)))
-    generated_mask = np.pad(generated_mask, ((0, 0), (0, pad)))
-    new_tokens = np.pad(new_tokens, ((0, 0), (0, pad)))
-    labels = np.pad(generated_ids[:, 1:], ((0, 0), (0, 1)))
+    return _training_batch(
+        generated_ids, generated_mask, padding_mask, sequence_length
+    )
+
+
+def _training_batch(token_ids, padding_mask, prompt_mask, sequence_length):
+    """`(x, labels, sample_weight)` of generated sequences, zero-padded.
+
+    `padding_mask` is True on the tokens kept, `prompt_mask` on the prompt
+    tokens; labels are the tokens shifted by one, weighted 1 exactly where
+    that token was generated.
+    """
+    new_tokens = padding_mask & ~prompt_mask
+    pad = ((0, 0), (0, sequence_length - token_ids.shape[1]))
+    token_ids = np.pad(token_ids * padding_mask, pad)
+    padding_mask = np.pad(padding_mask, pad)
+    new_tokens = np.pad(new_tokens, pad)
+    labels = np.pad(token_ids[:, 1:], ((0, 0), (0, 1)))
     sample_weight = np.pad(new_tokens[:, 1:], ((0, 0), (0, 1)))
-    x = {"token_ids": generated_ids, "padding_mask": generated_mask}
+    x = {"token_ids": token_ids, "padding_mask": padding_mask}
     return x, labels, sample_weight.astype("float32")
+
+
+def prompt_lengths(sample_weight):
+    """Each row's prompt length, read from its loss weights.
+
+    A row's prompt is its tokens up to and including the one before its
+    first weighted label (label `i` is token `i + 1`): with the weights of
+    KerasHub's CausalLM preprocessors (0 on the prompt's labels, 1 on the
+    response's), the prompt with its start token. A row with no weighted
+    label, or whose only room is the last label, has nothing to continue:
+    its length is the whole sequence.
+
+    Args:
+        sample_weight: Array `(batch, sequence_length)`, positive on the
+            labels to train.
+
+    Returns:
+        int array `(batch,)` of prompt lengths, at most `sequence_length`.
+
+    Example:
+
+    >>> prompt_lengths(np.array([[0, 0, 1, 1, 0], [0, 0, 0, 0, 0]]))
+    array([3, 5])
+    """
+    weighted = np.asarray(sample_weight) > 0
+    last = weighted.shape[1] - 1
+    first = np.where(weighted.any(axis=1), weighted.argmax(axis=1), last)
+    return first + 1
+
+
+def response_continuation_batch(
+    generator, x, labels, sample_weight, max_new_tokens
+):
+    """Continues each row after its own prompt, as a training batch.
+
+    Row `i`'s prompt is its first `prompt_lengths(sample_weight)[i]` tokens
+    (where `x["padding_mask"]` is set); the generator continues it for at
+    most `max_new_tokens` tokens, up to the sequence's end. Rows with
+    nothing to continue (no weighted label, or a prompt filling the
+    sequence) are not generated into: they come back unchanged, weighted 0.
+
+    Args:
+        generator: A `SequenceGenerator`, always called with arrays of the
+            batch's shape, so it compiles once.
+        x: Dict of `"token_ids"` and `"padding_mask"` arrays `(batch,
+            sequence_length)`.
+        labels: The batch's labels.
+        sample_weight: The batch's weights, positive on the response's
+            labels.
+        max_new_tokens: Most tokens generated after a row's prompt.
+
+    Returns:
+        `(x, labels, sample_weight)` as `continuation_batch` returns them.
+    """
+    token_ids = np.asarray(x["token_ids"], "int32")
+    padding_mask = np.asarray(x["padding_mask"], bool)
+    sequence_length = token_ids.shape[1]
+    lengths = prompt_lengths(sample_weight)
+    positions = np.arange(sequence_length)
+    kept = lengths >= sequence_length
+    prompt_mask = (positions < lengths[:, None]) & padding_mask
+    # A row masked whole is one the generator leaves alone.
+    prompt_mask[kept] = True
+    generated_ids, generated_mask = generator(
+        np.where(prompt_mask, token_ids, 0), prompt_mask
+    )
+    # Every row is sampled to the sequence's end (one shape, one
+    # compilation); tokens past a row's `max_new_tokens` are dropped.
+    generated_mask &= positions < (lengths + max_new_tokens)[:, None]
+    x, new_labels, new_weight = _training_batch(
+        generated_ids, generated_mask, prompt_mask, sequence_length
+    )
+    x["token_ids"][kept] = token_ids[kept]
+    x["padding_mask"][kept] = padding_mask[kept]
+    new_labels[kept] = np.asarray(labels)[kept]
+    new_weight[kept] = 0.0
+    return x, new_labels, new_weight
 
 
 def _as_prompts(prompts):
@@ -336,12 +433,25 @@ class OnPolicyGeneration:
     `lmbda`). Compile with `alpha=0` as GKD does: the hard-label term would
     otherwise train the student on its own samples.
 
+    Prompts of different lengths per row, as in instruction data: with
+    `prompt_length="sample_weight"`, each row's prompt is its tokens up to
+    and including the one before its first weighted label (`prompt_lengths`),
+    which is the prompt of KerasHub's `CausalLMPreprocessor` output for
+    `{"prompts": ..., "responses": ...}` (it weights the response only); pass
+    that `sample_weight` to `fit`. Each row is continued from its own
+    prompt's end, for at most `max_new_tokens` tokens and up to the sequence's
+    end. Rows with nothing to continue (all weights 0, such as a prompt that
+    was truncated, or only the last label weighted) are not generated into
+    and stay weighted 0.
+
     Args:
         fraction: Probability in `[0, 1]` that a step is on-policy.
         prompt_length: Number of leading tokens of each training example used
-            as its prompt.
+            as its prompt, or `"sample_weight"` for per-row prompts read from
+            `fit`'s `sample_weight` (see above).
         max_new_tokens: Tokens generated after the prompt; defaults to the
-            rest of the sequence.
+            rest of the sequence. With per-row prompts, at most the sequence
+            length minus 1.
         sampler: One of `SAMPLERS` or a `keras_hub.samplers.Sampler`.
         temperature: Sampling temperature `> 0` of a named sampler.
         seed: Integer seed of the step draws and of a named sampler; `None`
@@ -353,6 +463,15 @@ class OnPolicyGeneration:
     >>> config = OnPolicyGeneration(fraction=0.5, prompt_length=4, seed=0)
     >>> OnPolicyGeneration.from_config(config.get_config()).fraction
     0.5
+
+    Per-row prompts, from weights like a KerasHub preprocessor's:
+
+    >>> config = OnPolicyGeneration(prompt_length="sample_weight", seed=0)
+    >>> OnPolicyGeneration.from_config(config.get_config()).prompt_length
+    'sample_weight'
+    >>> weight = np.array([[0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]])
+    >>> prompt_lengths(weight)  # rows continue at token 2 and at token 4
+    array([2, 4])
     """
 
     def __init__(
@@ -366,7 +485,15 @@ class OnPolicyGeneration:
         stop_token_ids=None,
     ):
         losses.check_unit_interval("fraction", fraction)
-        losses.check_positive_int("prompt_length", prompt_length)
+        if isinstance(prompt_length, str):
+            if prompt_length != PROMPT_FROM_SAMPLE_WEIGHT:
+                raise ValueError(
+                    "`prompt_length` must be a Python int >= 1 or "
+                    f"{PROMPT_FROM_SAMPLE_WEIGHT!r} (per-row prompts read "
+                    f"from `fit`'s `sample_weight`), got {prompt_length!r}."
+                )
+        else:
+            losses.check_positive_int("prompt_length", prompt_length)
         losses.check_positive_int(
             "max_new_tokens", max_new_tokens, allow_none=True
         )
@@ -378,7 +505,10 @@ class OnPolicyGeneration:
             sampler = _keras_hub().samplers.deserialize(sampler)
         make_sampler(sampler, temperature, seed)  # checks name and temperature
         self.fraction = float(fraction)
-        self.prompt_length = int(prompt_length)
+        self.prompt_length = (
+            prompt_length if isinstance(prompt_length, str)
+            else int(prompt_length)
+        )
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
         self.temperature = float(temperature)
@@ -405,12 +535,47 @@ class OnPolicyGeneration:
     def from_config(cls, config):
         return cls(**config)
 
+    @property
+    def per_row_prompts(self):
+        """Whether each row's prompt is read from its `sample_weight`."""
+        return self.prompt_length == PROMPT_FROM_SAMPLE_WEIGHT
+
     def new_tokens(self, sequence_length):
-        """Tokens generated per example for sequences of this length."""
-        _check_room(self.prompt_length, self.max_new_tokens, sequence_length)
+        """Most tokens generated per example for sequences of this length."""
+        if not self.per_row_prompts:
+            _check_room(
+                self.prompt_length, self.max_new_tokens, sequence_length
+            )
+            if self.max_new_tokens is None:
+                return sequence_length - self.prompt_length
+            return self.max_new_tokens
+        # Per-row prompts hold at least one token.
         if self.max_new_tokens is None:
-            return sequence_length - self.prompt_length
+            return sequence_length - 1
+        if self.max_new_tokens >= sequence_length:
+            raise ValueError(
+                f"`max_new_tokens`={self.max_new_tokens} exceeds the room "
+                f"after a prompt of at least one token in sequences of "
+                f"{sequence_length}; use at most {sequence_length - 1} (each "
+                "row's continuation also ends at the sequence's end)."
+            )
         return self.max_new_tokens
+
+    def check_fit_data(self, sequence_length, sample_weight):
+        """Raises unless `fit`'s data suits this configuration.
+
+        Args:
+            sequence_length: Tokens per training example.
+            sample_weight: `fit`'s `sample_weight` (or None).
+        """
+        self.new_tokens(sequence_length)
+        if self.per_row_prompts and sample_weight is None:
+            raise ValueError(
+                f"`prompt_length`={PROMPT_FROM_SAMPLE_WEIGHT!r} reads each "
+                "row's prompt from `fit`'s `sample_weight` (0 on the prompt's "
+                "labels, positive on the response's, as KerasHub's "
+                "CausalLMPreprocessor returns it); pass `sample_weight`."
+            )
 
 
 class GeneratedBatch(keras.layers.Layer):
@@ -594,18 +759,23 @@ class OnPolicyGenerator(keras.callbacks.Callback):
             return
         self.model  # noqa: B018  (current weights; see `_set_active`)
         start = time.perf_counter()
-        x, _, weight = self.batches.batch(self._epoch, batch)
-        length = self.config.prompt_length
-        prompt_mask = x["padding_mask"][:, :length].astype(bool)
-        generated = continuation_batch(
-            self.generator,
-            x["token_ids"][:, :length],
-            prompt_mask,
-            self.new_tokens,
-            x["token_ids"].shape[1],
-        )
-        # Filler rows of a last, smaller batch keep their zero weight.
-        generated[2][weight.sum(axis=1) == 0] = 0.0
+        x, labels, weight = self.batches.batch(self._epoch, batch)
+        if self.config.per_row_prompts:
+            # Filler rows of a last, smaller batch weigh 0, so stay as they are.
+            generated = response_continuation_batch(
+                self.generator, x, labels, weight, self.new_tokens
+            )
+        else:
+            length = self.config.prompt_length
+            generated = continuation_batch(
+                self.generator,
+                x["token_ids"][:, :length],
+                x["padding_mask"][:, :length].astype(bool),
+                self.new_tokens,
+                x["token_ids"].shape[1],
+            )
+            # Filler rows of a last, smaller batch keep their zero weight.
+            generated[2][weight.sum(axis=1) == 0] = 0.0
         self._generation_seconds += time.perf_counter() - start
         self._generated_tokens += int(generated[2].sum())
         self._on_policy_steps += 1

@@ -41,7 +41,10 @@ def models():
     return student, teacher, [w.copy() for w in student.get_weights()]
 
 
-def _distiller(models, fraction=None, seed=0, run_eagerly=False, **config):
+def _distiller(
+    models, fraction=None, seed=0, run_eagerly=False, prompt_length=PROMPT_LENGTH,
+    **config,
+):
     """A distiller of a fresh student with the initial weights.
 
     Fresh, so that no state of an earlier `fit` (optimizer, leftover
@@ -53,7 +56,7 @@ def _distiller(models, fraction=None, seed=0, run_eagerly=False, **config):
     policy = None
     if fraction is not None:
         policy = on_policy.OnPolicyGeneration(
-            fraction=fraction, prompt_length=PROMPT_LENGTH, seed=seed, **config
+            fraction=fraction, prompt_length=prompt_length, seed=seed, **config
         )
     distiller = hub.CausalLMDistiller(student, teacher, on_policy=policy)
     distiller.compile(
@@ -228,6 +231,10 @@ def test_config_round_trips(models):
         ({"sampler": "beam_search"}, ValueError, "`sampler` must be one of"),
         ({"prompt_length": 0}, ValueError, "`prompt_length` must be a Python int >= 1"),
         ({"prompt_length": 4.0}, TypeError, "`prompt_length` must be a Python int >= 1"),
+        (
+            {"prompt_length": "foo"}, ValueError,
+            "`prompt_length` must be a Python int >= 1 or 'sample_weight'",
+        ),
         ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be a Python int >= 1 or None"),
     ],
 )
@@ -314,3 +321,151 @@ def test_save_and_load_after_on_policy_fit(on_policy_run, windows, tmp_path):
         keras.ops.convert_to_numpy(distiller.student.predict(x, verbose=0)),
         keras.ops.convert_to_numpy(loaded.student.predict(x, verbose=0)),
     )
+
+
+# Per-row prompts (`prompt_length="sample_weight"`), from instruction data:
+# prompts of 2 and 8 tokens (continued from token 3 for `MAX_NEW_TOKENS`, and
+# from token 9 to the sequence's end) and one of 11 with an empty response
+# (start token + prompt fill the 12-token sequence: only the last label, the
+# end token, is weighted). Three rows in batches of 4: the fourth row is
+# `TrainingBatches`' zero-weight copy of the first.
+PROMPT_TOKENS = (2, 8, 11)
+MAX_NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def instructions():
+    """Real Shakespeare line pairs (a line, then the next) through a real
+    `Gemma3CausalLMPreprocessor`: `(x, labels, sample_weight)`."""
+    text = (DATA_DIR / "tinyshakespeare.txt").read_text()
+    lines = [line for line in text.splitlines() if line.strip()][:4000]
+    tokenizer = hub.train_gemma3_tokenizer(lines, VOCABULARY_SIZE)
+    prompts, responses = [], []
+    for count in PROMPT_TOKENS:
+        index = next(
+            i for i, line in enumerate(lines)
+            if len(keras.ops.convert_to_numpy(tokenizer(line))) == count
+        )
+        prompts.append(lines[index])
+        responses.append(lines[index + 1])
+    responses[-1] = ""
+    preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=SEQUENCE_LENGTH
+    )
+    x, labels, weight = preprocessor({"prompts": prompts, "responses": responses})
+    x = {
+        "token_ids": keras.ops.convert_to_numpy(x["token_ids"]).astype("int32"),
+        "padding_mask": keras.ops.convert_to_numpy(x["padding_mask"]).astype(bool),
+    }
+    labels = keras.ops.convert_to_numpy(labels).astype("int32")
+    weight = keras.ops.convert_to_numpy(weight).astype("float32")
+    return x, labels, weight
+
+
+@pytest.fixture(scope="module")
+def per_row_run(models, instructions):
+    """One on-policy step with per-row prompts, greedy, from the initial weights."""
+    distiller = _distiller(
+        models, fraction=1.0, run_eagerly=True, prompt_length="sample_weight",
+        max_new_tokens=MAX_NEW_TOKENS, sampler="greedy",
+    )
+    # The student before the step: generation samples from these weights.
+    logits = keras.ops.convert_to_numpy(distiller.student(instructions[0]))
+    history = _fit(distiller, instructions)
+    return {
+        "distiller": distiller,
+        "history": history.history,
+        "batch": distiller.on_policy_callback.last_batch,
+        "logits": logits,
+    }
+
+
+def test_preprocessor_weights_give_per_row_prompts(instructions):
+    _, _, weight = instructions
+    # Start token + prompt; the row with nothing to continue gets the whole
+    # sequence, as does a row of zero weights.
+    np.testing.assert_array_equal(
+        on_policy.prompt_lengths(weight), [3, 9, SEQUENCE_LENGTH]
+    )
+    assert weight[2, :-1].sum() == 0 and weight[2, -1] == 1
+    np.testing.assert_array_equal(
+        on_policy.prompt_lengths(np.zeros((1, SEQUENCE_LENGTH))), [SEQUENCE_LENGTH]
+    )
+
+
+def test_per_row_prompts_are_continued_from_their_own_end(per_row_run, instructions):
+    x, labels, weight = per_row_run["batch"]
+    original_x, original_labels, _ = instructions
+    positions = np.arange(SEQUENCE_LENGTH)
+    for row, (start, end) in enumerate([(3, 3 + MAX_NEW_TOKENS), (9, SEQUENCE_LENGTH)]):
+        # The prompt is kept exactly, also where the other row generates.
+        np.testing.assert_array_equal(
+            x["token_ids"][row, :start], original_x["token_ids"][row, :start]
+        )
+        np.testing.assert_array_equal(x["padding_mask"][row], positions < end)
+        assert (x["token_ids"][row, end:] == 0).all()
+        # Greedy: the first new token is the student's most likely token
+        # after this row's own prompt.
+        assert x["token_ids"][row, start] == per_row_run["logits"][row, start - 1].argmax()
+        # Label t is token t + 1; it weighs 1 exactly when that token is generated.
+        np.testing.assert_array_equal(labels[row, :-1], x["token_ids"][row, 1:])
+        np.testing.assert_array_equal(
+            weight[row], ((positions >= start - 1) & (positions < end - 1)).astype("float32")
+        )
+    assert np.isfinite(per_row_run["history"]["loss"]).all()
+
+
+def test_rows_with_nothing_to_continue_stay_unchanged_and_unweighted(
+    per_row_run, instructions
+):
+    x, labels, weight = per_row_run["batch"]
+    original_x, original_labels, original_weight = instructions
+    # The prompt filling the sequence, and the zero-weight filler row (a copy
+    # of the first) that makes the batch of 4.
+    for row, source in [(2, 2), (3, 0)]:
+        for key in ("token_ids", "padding_mask"):
+            np.testing.assert_array_equal(x[key][row], original_x[key][source])
+        np.testing.assert_array_equal(labels[row], original_labels[source])
+        assert (weight[row] == 0).all()
+    # A batch of only such rows: nothing generated, a zero loss, no NaN.
+    rows = [2, 0, 2, 0]
+    sample_weight = original_weight[rows]
+    sample_weight[1::2] = 0.0
+    distiller = per_row_run["distiller"]
+    batch = on_policy.response_continuation_batch(
+        distiller._on_policy_generator,
+        {key: value[rows] for key, value in original_x.items()},
+        original_labels[rows], sample_weight, MAX_NEW_TOKENS,
+    )
+    np.testing.assert_array_equal(batch[0]["token_ids"], original_x["token_ids"][rows])
+    assert (batch[2] == 0).all()
+    loss = distiller.compute_loss(batch[0], batch[1], distiller(batch[0]), batch[2])
+    assert float(keras.ops.convert_to_numpy(loss)) == 0.0
+
+
+def test_per_row_prompts_config_and_save_load(per_row_run, tmp_path):
+    config = per_row_run["distiller"].on_policy
+    assert config.get_config()["prompt_length"] == "sample_weight"
+    restored = on_policy.OnPolicyGeneration.from_config(config.get_config())
+    assert restored.get_config() == config.get_config()
+    path = tmp_path / "distiller.keras"
+    per_row_run["distiller"].save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.on_policy.get_config() == config.get_config()
+    for expected, actual in zip(
+        per_row_run["distiller"].student.get_weights(), loaded.student.get_weights()
+    ):
+        np.testing.assert_array_equal(expected, actual)
+
+
+def test_per_row_prompts_refusals(models, instructions):
+    x, labels, weight = instructions
+    distiller = _distiller(models, fraction=1.0, prompt_length="sample_weight")
+    with pytest.raises(ValueError, match="pass `sample_weight`"):
+        distiller.fit(x, labels, batch_size=BATCH_SIZE, verbose=0)
+    distiller = _distiller(
+        models, fraction=1.0, prompt_length="sample_weight",
+        max_new_tokens=SEQUENCE_LENGTH,
+    )
+    with pytest.raises(ValueError, match="`max_new_tokens`=12 exceeds the room"):
+        _fit(distiller, instructions)
