@@ -12,24 +12,16 @@ import sys
 import keras
 import numpy as np
 
+from tests.conftest import tiny_gemma3
+
 
 def build(hidden_dim, seed):
-    import keras_hub
-
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=64,
-        image_size=None,
-        num_layers=1,
-        num_query_heads=4,
-        # One key/value head, as Gemma 3 1B: a 4-way model axis cannot split
-        # it, so ShardedDistribution replicates those kernels.
-        num_key_value_heads=1,
-        hidden_dim=hidden_dim,
-        intermediate_dim=2 * hidden_dim,
-        head_dim=8,
+    # One key/value head, as Gemma 3 1B: a 4-way model axis cannot split it,
+    # so ShardedDistribution replicates those kernels.
+    return tiny_gemma3(
+        vocabulary_size=64, hidden_dim=hidden_dim, seed=seed,
+        num_query_heads=4, num_key_value_heads=1, head_dim=8,
     )
-    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
 
 
 def train(distribution, data, weights):
