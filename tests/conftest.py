@@ -78,3 +78,20 @@ def tiny_gemma3(vocabulary_size, hidden_dim, seed=0, preprocessor=None, **config
     return keras_hub.models.Gemma3CausalLM(
         backbone=backbone, preprocessor=preprocessor
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--large",
+        action="store_true",
+        help="also run the tests on real pretrained checkpoints (marker `large`)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--large"):
+        return
+    skip = pytest.mark.skip(reason="real-checkpoint test: run with `pytest --large`")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
