@@ -621,3 +621,253 @@ def installed_gemma3_270m():
         if partial.exists():
             partial.unlink()
     return str(path)
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+
+def _check_exportable(backbone):
+    """Refuses a config that llama.cpp's gemma3 would run differently."""
+    config = backbone.get_config()
+    required = {
+        "vision_encoder": None,
+        "use_query_key_norm": True,
+        "use_post_ffw_norm": True,
+        "use_post_attention_norm": True,
+        "use_sliding_window_attention": True,
+        "attention_logit_soft_cap": None,
+        "final_logit_soft_cap": None,
+        "local_rope_scaling_factor": 1.0,
+        "use_bidirectional_attention": False,
+        "is_embedding_model": False,
+    }
+    for name, value in required.items():
+        if config.get(name, value) != value:
+            raise ValueError(
+                f"`causal_lm`: the backbone has {name}={config[name]!r}; "
+                f"llama.cpp's gemma3 architecture needs {name}={value!r}, so it "
+                "cannot be exported as GGUF."
+            )
+    head_dim = config["head_dim"]
+    hidden_over_heads = config["hidden_dim"] // config["num_query_heads"]
+    # llama.cpp chooses the query scale from the block count (see
+    # _HIDDEN_OVER_HEADS_SCALED_BLOCK_COUNT); the two agree when equal.
+    by_hidden = config["num_layers"] == _HIDDEN_OVER_HEADS_SCALED_BLOCK_COUNT
+    if head_dim != hidden_over_heads and config["query_head_dim_normalize"] == by_hidden:
+        raise ValueError(
+            f"`causal_lm`: query_head_dim_normalize="
+            f"{config['query_head_dim_normalize']} with {config['num_layers']} "
+            "layers scales queries differently from llama.cpp's gemma3 (which "
+            "uses 1/sqrt(head_dim) unless the model has 62 layers)."
+        )
+
+
+def _tokenizer_metadata(tokenizer, vocabulary_size):
+    """The `tokenizer.ggml.*` values of a Gemma 3 SentencePiece tokenizer."""
+    pb2 = _sentencepiece_model_pb2()
+    proto_bytes = getattr(tokenizer, "proto", None)
+    if not isinstance(proto_bytes, bytes):
+        raise ValueError(
+            "`causal_lm`: its preprocessor's tokenizer has no SentencePiece "
+            "proto; pass a Gemma3CausalLM whose preprocessor holds a "
+            "`Gemma3Tokenizer`."
+        )
+    proto = pb2.ModelProto.FromString(proto_bytes)
+    model_types = {
+        getattr(pb2.TrainerSpec.ModelType, kind): model
+        for model, kind in _SENTENCEPIECE_MODEL_TYPES.items()
+    }
+    model_type = proto.trainer_spec.model_type
+    if model_type not in model_types:
+        raise ValueError(
+            "`causal_lm`: its SentencePiece model has type "
+            f"{pb2.TrainerSpec.ModelType.Name(model_type)}; GGUF (llama.cpp) "
+            "supports BPE and UNIGRAM SentencePiece models."
+        )
+    if len(proto.pieces) != vocabulary_size:
+        raise ValueError(
+            f"`causal_lm`: the tokenizer has {len(proto.pieces)} pieces but the "
+            f"embedding has {vocabulary_size} rows; they must be equal."
+        )
+    pieces, types = [], []
+    for piece in proto.pieces:
+        text = piece.piece
+        if piece.type == _USER_DEFINED:
+            # llama.cpp matches user-defined pieces in the raw text, so its
+            # files hold their spaces unescaped (the loader escapes them).
+            text = text.replace(_SPACE, " ")
+        pieces.append(text)
+        types.append(int(piece.type))
+    special_ids = {
+        "bos": tokenizer.start_token_id,
+        "eos": tokenizer.end_token_id,
+        "pad": tokenizer.pad_token_id,
+        "unk": types.index(_UNKNOWN) if _UNKNOWN in types else None,
+    }
+    normalizer = proto.normalizer_spec
+    return {
+        "model": model_types[model_type],
+        "pieces": pieces,
+        "scores": [float(piece.score) for piece in proto.pieces],
+        "types": types,
+        "special_ids": special_ids,
+        "add_space_prefix": bool(normalizer.add_dummy_prefix),
+        "remove_extra_whitespaces": bool(normalizer.remove_extra_whitespaces),
+        "precompiled_charsmap": bytes(normalizer.precompiled_charsmap),
+    }
+
+
+def _encode_tensor(name, array, kind, tensor_type):
+    """`(data, raw_dtype)` for `GGUFWriter.add_tensor`."""
+    gguf = _gguf()
+    if kind == "norm" or tensor_type == "float32":
+        return np.ascontiguousarray(array, dtype="float32"), None
+    if tensor_type == "q8_0":
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+        if array.shape[-1] % block == 0:
+            data = gguf.quants.quantize(
+                np.ascontiguousarray(array, dtype="float32"),
+                gguf.GGMLQuantizationType.Q8_0,
+            )
+            return data, gguf.GGMLQuantizationType.Q8_0
+        # Rows that are not whole Q8_0 blocks fall back to F16, as
+        # llama.cpp's converter does.
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
+    if largest > np.finfo("float16").max:
+        raise ValueError(
+            f"`tensor_type`: the tensor {name!r} holds {largest:g}, beyond "
+            "float16's range; export with tensor_type='float32' or 'q8_0'."
+        )
+    return np.ascontiguousarray(array, dtype="float16"), None
+
+
+def export_gemma3(causal_lm, path, tensor_type="float32"):
+    """Writes a KerasHub Gemma 3 text model as a GGUF file llama.cpp runs.
+
+    The file follows llama.cpp's gemma3 layout: its metadata keys
+    (`gemma3.block_count`, `gemma3.attention.sliding_window`, ...), tensor
+    names and `[out, in]` matrices, RMS-norm weights stored as `1 + scale`
+    and always F32, and the tokenizer's SentencePiece pieces, scores and
+    types (`tokenizer.ggml.*`) so that the file carries its tokenizer.
+    `load_gemma3` reads it back: with identical logits for "float32" (the
+    norms' `1 + scale` is computed in float32 by both, so storing it loses
+    nothing) and within the format's rounding otherwise.
+
+    Args:
+        causal_lm: A `keras_hub.models.Gemma3CausalLM` (text only) whose
+            preprocessor holds its `Gemma3Tokenizer`.
+        path: The file to write (replaced if it exists).
+        tensor_type: How the embedding and the weight matrices are stored:
+            "float32", "float16" or "q8_0" (8-bit blocks of 32 with one
+            float16 scale, via `gguf.quants.quantize`; a matrix whose rows
+            are not whole blocks is stored as float16).
+
+    Returns:
+        The path written, a string.
+
+    Raises:
+        ValueError: An unknown `tensor_type`, no tokenizer, or a config that
+            llama.cpp's gemma3 cannot express (e.g. no post-norms or no
+            sliding-window layers).
+
+    Example:
+
+    >>> from keras_distill.gguf import export_gemma3, installed_gemma3_270m, load_gemma3
+    >>> causal_lm = load_gemma3(installed_gemma3_270m())  # doctest: +SKIP
+    >>> export_gemma3(causal_lm, "gemma3-270m-q8_0.gguf", "q8_0")  # doctest: +SKIP
+    'gemma3-270m-q8_0.gguf'
+    """
+    gguf = _gguf()
+    keras_hub = _keras_hub()
+    if tensor_type not in EXPORT_TENSOR_TYPES:
+        raise ValueError(
+            f"`tensor_type` must be one of {EXPORT_TENSOR_TYPES}, got {tensor_type!r}."
+        )
+    if not isinstance(causal_lm, keras_hub.models.Gemma3CausalLM):
+        raise ValueError(
+            "`causal_lm` must be a keras_hub.models.Gemma3CausalLM, got "
+            f"{type(causal_lm).__name__}."
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file path, got {type(path).__name__}.")
+    backbone = causal_lm.backbone
+    _check_exportable(backbone)
+    preprocessor = causal_lm.preprocessor
+    if preprocessor is None or getattr(preprocessor, "tokenizer", None) is None:
+        raise ValueError(
+            "`causal_lm` has no preprocessor with a tokenizer; a GGUF file "
+            "carries its tokenizer, so build the Gemma3CausalLM with a "
+            "`Gemma3CausalLMPreprocessor`."
+        )
+    vocabulary = _tokenizer_metadata(preprocessor.tokenizer, backbone.vocabulary_size)
+
+    path = str(path)
+    partial = f"{path}.{os.getpid()}.partial"
+    file_types = {
+        "float32": gguf.LlamaFileType.ALL_F32,
+        "float16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
+    writer = gguf.GGUFWriter(partial, ARCHITECTURE)
+    try:
+        writer.add_name(causal_lm.name)
+        writer.add_file_type(file_types[tensor_type])
+        if tensor_type == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # Gemma 3's training context: 32k tokens, 128k for the models with
+        # linearly scaled global rotary positions (4B and larger).
+        scaling = float(backbone.global_rope_scaling_factor)
+        writer.add_context_length(32_768 if scaling == 1.0 else 131_072)
+        writer.add_embedding_length(backbone.hidden_dim)
+        writer.add_block_count(backbone.num_layers)
+        writer.add_feed_forward_length(backbone.intermediate_dim)
+        writer.add_head_count(backbone.num_query_heads)
+        writer.add_head_count_kv(backbone.num_key_value_heads)
+        writer.add_key_length(backbone.head_dim)
+        writer.add_value_length(backbone.head_dim)
+        writer.add_layer_norm_rms_eps(float(backbone.layer_norm_epsilon))
+        writer.add_rope_freq_base(_GLOBAL_ROPE_BASE)
+        writer.add_rope_freq_base_swa(_LOCAL_ROPE_BASE)
+        if scaling != 1.0:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(scaling)
+        writer.add_sliding_window(int(backbone.sliding_window_size))
+
+        writer.add_tokenizer_model(vocabulary["model"])
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(vocabulary["pieces"])
+        writer.add_token_scores(vocabulary["scores"])
+        writer.add_token_types(vocabulary["types"])
+        special = vocabulary["special_ids"]
+        for name, add in [
+            ("bos", writer.add_bos_token_id),
+            ("eos", writer.add_eos_token_id),
+            ("unk", writer.add_unk_token_id),
+            ("pad", writer.add_pad_token_id),
+        ]:
+            if special[name] is not None and special[name] >= 0:
+                add(int(special[name]))
+        # KerasHub's Gemma preprocessors start every sequence with <bos>.
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        writer.add_add_space_prefix(vocabulary["add_space_prefix"])
+        writer.add_remove_extra_whitespaces(vocabulary["remove_extra_whitespaces"])
+        if vocabulary["precompiled_charsmap"]:
+            writer.add_precompiled_charsmap(vocabulary["precompiled_charsmap"])
+
+        for name, variable, kind in _tensor_table(backbone):
+            array = keras.ops.convert_to_numpy(keras.ops.cast(variable, "float32"))
+            data, raw_dtype = _encode_tensor(name, _to_gguf(kind, array), kind, tensor_type)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, path)
+    finally:
+        writer.close()
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
