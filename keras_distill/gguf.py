@@ -333,8 +333,9 @@ def _read_sentencepiece_proto(gemma_file):
             raise f.error("no `tokenizer.ggml.unknown_token_id` and no single UNKNOWN token.")
         special_ids["unk"] = types.index(_UNKNOWN)
     # llama.cpp's converter marks <unk> CONTROL; SentencePiece (and
-    # TensorFlow Text) needs exactly one UNKNOWN piece.
-    types = [_NORMAL if t == _UNKNOWN else t for t in types]
+    # TensorFlow Text) needs exactly one UNKNOWN piece. Any other is made
+    # CONTROL, which text never matches, as it never matched UNKNOWN.
+    types = [_CONTROL if t == _UNKNOWN else t for t in types]
     types[special_ids["unk"]] = _UNKNOWN
     for index, piece in enumerate(pieces):
         if piece in _TURN_PIECES and types[index] == _CONTROL:
