@@ -22,6 +22,7 @@ llama.cpp's storage conventions, undone on load and applied on export:
   SentencePiece `ModelProto`.
 """
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -194,10 +195,21 @@ class _GemmaFile:
         return np.asarray(values, dtype="float32").reshape(shape)
 
 
+@functools.lru_cache(maxsize=None)
 def _dequantizable_types():
+    """The GGML types the installed `gguf` package can dequantize."""
     gguf = _gguf()
-    types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
-    return types | set(gguf.quants._type_traits)
+    supported = set()
+    for qtype in gguf.GGMLQuantizationType:
+        # One zero block of the type: dequantize raises NotImplementedError
+        # for the types it lacks (F64, the integer types, Q8_K, ...).
+        _, bytes_per_block = gguf.GGML_QUANT_SIZES[qtype]
+        try:
+            gguf.quants.dequantize(np.zeros((1, bytes_per_block), "uint8"), qtype)
+        except NotImplementedError:
+            continue
+        supported.add(qtype)
+    return frozenset(supported)
 
 
 def _gguf_version():
