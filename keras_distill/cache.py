@@ -39,9 +39,14 @@ row per example, appended batch by batch and read memory-mapped
 (`np.memmap`), so a cache larger than RAM works and a batch reads only its
 own rows. Formats:
 
-- `"float16"` (default) or `"float32"` dense logits, `teacher_logits.bin`;
-  float16 halves float32, and its 1e-3 relative precision is far below the
-  teacher's own noise at distillation temperatures.
+- `"float16"` (default) or `"float32"` dense logits: `teacher_logits.bin`
+  holds each row's logits minus the row's largest one, and
+  `teacher_logit_offsets.bin` (float32) that largest logit; `targets` adds
+  them back. Relative to its maximum, a logit keeps float16's 1e-3 relative
+  precision where the probability is, whatever the logits' scale (logits
+  near 1,000, or beyond float16's 65,504, come back to float32 precision of
+  the offset). float16 halves float32; a row whose logits span more than
+  65,504 is refused, naming `format="float32"`.
 - top-k (`top_k=k`): `teacher_top_log_probs.bin` (log-probabilities at T = 1
   in the chosen float type) and `teacher_top_indices.bin` (the smallest
   unsigned integer type that holds the vocabulary), the format
@@ -63,13 +68,38 @@ committed to the manifest after each batch (by an atomic rename, after the
 data is flushed to disk), so a build interrupted half-way is detected
 (`complete: false`), never read, and resumed by the next `build` with the same
 teacher: examples already stored are skipped, the teacher runs on the rest.
+
+Integrity. The manifest also records every file's size and a 64-bit BLAKE2b
+checksum of each 4 MiB block of it, computed from the bytes as they are
+written, and a checksum of itself. Opening a cache (`open`, and `build` when
+it returns a complete cache) checks every size, and with `verify="full"`
+(default) every block: a short, missing or changed file is a
+`DamagedCacheError` naming the file (and the block and rows), never
+training data. Checking reads the whole cache once (BLAKE2b on one core:
+about 450 MiB/s from the page cache, i.e. 20 s for 10 GB; a cold read is
+bounded by the disk); `verify="sample"` checks the digest and index files
+whole (40 bytes per example) and 64 random blocks (256 MiB) of every other
+file, `verify="none"` sizes only. A damaged cache is
+rebuilt by `build(..., overwrite=True)`. Builds take a lock on the directory
+(`fcntl.flock` on the file `build.lock`, released by the system however the
+process ends): a second `build` into the same directory waits, warning which
+process it waits for, then reuses or resumes what the first one wrote. On
+systems without `fcntl` (Windows) builds are not locked: give each process
+its own directory there.
 """
 
 import hashlib
 import json
 import os
+import socket
 import sys
+import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds are not locked (see the module docstring).
+    fcntl = None
 
 import keras
 import numpy as np
@@ -83,7 +113,9 @@ from keras_distill.losses import check_positive_int
 from keras_distill.sparse import top_k_teacher_targets
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+# 3: logits relative to each row's maximum, per-block checksums, build.lock.
+FORMAT_VERSION = 3
+LOCK = "build.lock"
 FORMATS = ("float16", "float32", "compact")
 # The compact format's files: the token records (variable size), each row's
 # token record sizes, and where each row's records end in the payload.
@@ -96,6 +128,29 @@ DIGEST_ROWS = "digest_rows"
 # 128-bit digests: a collision among 1e12 examples has probability ~1e-15.
 DIGEST_BYTES = 16
 DIGEST_DTYPE = np.dtype(f"S{DIGEST_BYTES}")
+# Each dense-logits row's largest logit (float32); `teacher_logits` holds the
+# logits minus it.
+LOGIT_OFFSETS = "teacher_logit_offsets"
+# Checksums: 64-bit BLAKE2b per block of each file. Corruption is not
+# adversarial, so a 2^-64 chance of missing a damaged block is plenty, and a
+# 1 TB cache's checksums stay about 4 MB of manifest.
+CHECKSUM_BLOCK_BYTES = 1 << 22
+CHECKSUM_BYTES = 8
+VERIFY_MODES = ("full", "sample", "none")
+# verify="sample": blocks checked per file outside the digest and index files.
+SAMPLE_BLOCKS = 64
+# The files that decide which example gets which row: checked whole by
+# verify="sample" too (40 bytes per example).
+_INDEX_FILES = (DIGESTS, DIGEST_INDEX, DIGEST_ROWS)
+
+
+class DamagedCacheError(ValueError):
+    """A cache file is missing, short, or differs from its checksum.
+
+    Raised by `TeacherOutputCache` (`open`, `build`) instead of reading wrong
+    teacher outputs; `TeacherOutputCache.build(..., overwrite=True)` rebuilds
+    the cache.
+    """
 
 
 def _hash_arrays(arrays):
@@ -357,8 +412,15 @@ def _data_fingerprint(digests):
 # Storage.
 
 
+def _manifest_checksum(manifest):
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    text = json.dumps(body, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).hexdigest()
+
+
 def _write_manifest(directory, manifest):
     # Write-then-rename: a crash leaves either the old or the new manifest.
+    manifest["checksum"] = _manifest_checksum(manifest)
     temporary = directory / (MANIFEST + ".tmp")
     with open(temporary, "w") as file:
         file.write(json.dumps(manifest, indent=2))
@@ -367,14 +429,52 @@ def _write_manifest(directory, manifest):
     os.replace(temporary, directory / MANIFEST)
 
 
+def _damaged(directory, problem):
+    return DamagedCacheError(
+        f"The teacher-output cache in {directory} {problem}. Rebuild it with "
+        "`TeacherOutputCache.build(..., overwrite=True)`, or restore the "
+        "directory from an intact copy."
+    )
+
+
 def _read_manifest(directory):
+    """The manifest, `None` if there is none; any other version as it is.
+
+    Raises:
+        DamagedCacheError: If it is not a manifest this module wrote
+            (truncated, overwritten, or not matching its checksum).
+    """
     path = Path(directory) / MANIFEST
-    if not path.exists():
+    try:
+        manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        return {"fingerprint": {"format": "an older cache format"}, **manifest}
+    except ValueError:  # Not JSON, or not UTF-8.
+        manifest = None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise _damaged(
+            directory, f"is damaged: {MANIFEST} is unreadable (truncated or "
+            "overwritten)"
+        )
+    if manifest["format_version"] == FORMAT_VERSION and manifest.get(
+        "checksum"
+    ) != _manifest_checksum(manifest):
+        raise _damaged(
+            directory, f"is damaged: {MANIFEST} does not match its checksum"
+        )
     return manifest
+
+
+def _check_version(directory, manifest):
+    version = manifest["format_version"]
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"The cache in {directory} was written in format {version} by "
+            "another version of keras_distill; this one reads format "
+            f"{FORMAT_VERSION} (logits relative to each row's maximum, "
+            "checksummed blocks). Rebuild it with "
+            "`TeacherOutputCache.build(..., overwrite=True)`."
+        )
 
 
 def _describe_mismatch(expected, found):
@@ -388,14 +488,163 @@ def _describe_mismatch(expected, found):
     return ", ".join(names.get(part, part) for part in parts)
 
 
+def _plan(directory, fingerprint, overwrite):
+    """What `build` does with `directory`: `(plan, manifest)`.
+
+    `"reuse"` a complete cache of this fingerprint (read only), `"resume"`
+    (or extend) the committed rows of `manifest`, or start `"fresh"`.
+
+    Raises:
+        ValueError: Unless `overwrite`, for a complete cache of another
+            fingerprint or format version, or a damaged manifest.
+    """
+    try:
+        manifest = _read_manifest(directory)
+    except DamagedCacheError:
+        if overwrite:
+            return "fresh", None
+        raise
+    if manifest is None:
+        return "fresh", None
+    complete = manifest.get("complete", False)
+    if manifest["format_version"] != FORMAT_VERSION:
+        if complete and not overwrite:
+            _check_version(directory, manifest)
+        return "fresh", None  # Rows of another format cannot be resumed.
+    if manifest["fingerprint"] != fingerprint:
+        if complete and not overwrite:
+            raise ValueError(
+                f"The cache in {directory} was built with different "
+                f"{_describe_mismatch(fingerprint, manifest['fingerprint'])}"
+                "; refusing to use or replace stale teacher outputs. Pass "
+                "`overwrite=True` to rebuild it, or use another directory."
+            )
+        # An incomplete cache of another teacher was never usable.
+        return "fresh", None
+    if complete and not overwrite:
+        return "reuse", manifest
+    return "resume", manifest
+
+
+def _check_verify(verify):
+    if verify not in VERIFY_MODES:
+        raise ValueError(
+            f"`verify` must be one of {VERIFY_MODES}, got {verify!r}."
+        )
+
+
+def _checksum(data):
+    return hashlib.blake2b(data, digest_size=CHECKSUM_BYTES).hexdigest()
+
+
+def _row_bytes(manifest, name):
+    """Bytes per example of the file `name`; `None` for variable-size rows."""
+    if name in (DIGESTS, DIGEST_INDEX):
+        return DIGEST_BYTES
+    if name == DIGEST_ROWS:
+        return np.dtype(np.int64).itemsize
+    if name == COMPACT_PAYLOAD:
+        return None
+    spec = manifest["arrays"][name]
+    return np.dtype(spec["dtype"]).itemsize * int(np.prod(spec["shape"]))
+
+
+def _describe_size(manifest, name, size):
+    expected = manifest["files"][name]["bytes"]
+    if size > expected:
+        return f"{name}.bin has {size - expected:,} bytes more than {MANIFEST} records"
+    row_bytes = _row_bytes(manifest, name)
+    held = f"{size:,} of the {expected:,} bytes {MANIFEST} records"
+    if row_bytes:
+        held = (
+            f"{size // row_bytes:,} of the {expected // row_bytes:,} rows "
+            f"{MANIFEST} records ({size:,} of {expected:,} bytes)"
+        )
+    return f"{name}.bin holds {held}: a partial copy, or a full disk?"
+
+
+def _describe_block(manifest, name, index, start, end):
+    where = f"{name}.bin block {index} (bytes {start}-{end})"
+    row_bytes = _row_bytes(manifest, name)
+    if row_bytes:
+        where += f", rows {start // row_bytes}-{(end - 1) // row_bytes}"
+    return where
+
+
+def _check_files(directory, manifest, verify, names=None):
+    """Checks the cache's files (or `names`) against the manifest.
+
+    Sizes always (a complete cache's exactly; an incomplete one may hold
+    uncommitted bytes after its committed ones), and with `verify="full"`
+    every block's checksum, with `"sample"` those of the digest and index
+    files and up to `SAMPLE_BLOCKS` random blocks of each other file.
+
+    Raises:
+        DamagedCacheError: Naming the first missing, short or changed file
+            (and block).
+    """
+    block_bytes = manifest["block_bytes"]
+    rng = np.random.default_rng()
+    for name, entry in manifest["files"].items():
+        if names is not None and name not in names:
+            continue
+        path = Path(directory) / f"{name}.bin"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise _damaged(directory, f"lacks {path.name}") from None
+        expected = entry["bytes"]
+        if size < expected or (manifest["complete"] and size != expected):
+            raise _damaged(
+                directory, f"is damaged: {_describe_size(manifest, name, size)}"
+            )
+        if verify == "none":
+            continue
+        checksums = entry["blocks"]
+        digits = 2 * CHECKSUM_BYTES  # hex digits per block
+        blocks = range(len(checksums) // digits)
+        if (
+            verify == "sample"
+            and name not in _INDEX_FILES
+            and len(blocks) > SAMPLE_BLOCKS
+        ):
+            blocks = np.sort(rng.choice(len(blocks), SAMPLE_BLOCKS, replace=False))
+        with open(path, "rb") as file:
+            for index in map(int, blocks):
+                start = index * block_bytes
+                file.seek(start)
+                data = file.read(min(block_bytes, expected - start))
+                stored = checksums[index * digits : (index + 1) * digits]
+                if _checksum(data) != stored:
+                    where = _describe_block(
+                        manifest, name, index, start, start + len(data)
+                    )
+                    raise _damaged(
+                        directory,
+                        f"is damaged: {where} does not match its checksum",
+                    )
+
+
 def _memmap(path, dtype, rows, row_shape, mode="r"):
     if rows == 0:
         return np.zeros((0, *row_shape), dtype)
     return np.memmap(path, dtype=dtype, mode=mode, shape=(rows, *row_shape))
 
 
+_OUTPUT_NAMES = (
+    TEACHER_LOGITS,
+    LOGIT_OFFSETS,
+    TEACHER_TOP_LOG_PROBS,
+    TEACHER_TOP_INDICES,
+)
+
+
 def _remove_cache_files(directory):
-    """Removes this module's files (and only those) from `directory`."""
+    """Removes this module's files (and only those) from `directory`.
+
+    `build.lock` stays: removing it while another process waits on it would
+    let a third lock a new file while the second locks the old one.
+    """
     names = [MANIFEST, MANIFEST + ".tmp"]
     for name in (
         DIGESTS,
@@ -406,44 +655,144 @@ def _remove_cache_files(directory):
         COMPACT_ROW_ENDS,
         *_OUTPUT_NAMES,
     ):
-        names += [f"{name}.bin", f"{name}.npy"]  # .npy: format version 1
+        names += [f"{name}.bin", f"{name}.bin.tmp", f"{name}.npy"]  # .npy: format 1
     for name in names:
         (Path(directory) / name).unlink(missing_ok=True)
 
 
-_OUTPUT_NAMES = (TEACHER_LOGITS, TEACHER_TOP_LOG_PROBS, TEACHER_TOP_INDICES)
+class _DirectoryLock:
+    """A lock on a cache directory: one writer, or any number of readers.
+
+    `fcntl.flock` on the directory's `build.lock`, which the system releases
+    when its holder exits however it exits, so a killed build leaves no stale
+    lock. A writer records who it is in the file for the processes that
+    wait. A reader locks only an existing lock file and writes nothing, so a
+    complete cache in a read-only directory opens. Without `fcntl` (Windows)
+    nothing is locked.
+
+    Args:
+        directory: The cache directory (it must exist for a writer).
+        exclusive: Whether to lock for writing.
+    """
+
+    def __init__(self, directory, exclusive):
+        self.directory = Path(directory)
+        self.exclusive = exclusive
+        self.descriptor = None
+
+    def __enter__(self):
+        path = self.directory / LOCK
+        if fcntl is None or not (self.exclusive or path.exists()):
+            return self  # Without a lock file, no build has run here.
+        flags = os.O_RDWR | os.O_CREAT if self.exclusive else os.O_RDONLY
+        self.descriptor = os.open(path, flags, 0o666)
+        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+        if not self._try_lock(mode):
+            holder = os.pread(self.descriptor, 256, 0).decode(errors="replace")
+            warnings.warn(
+                f"Waiting for {holder or 'another process'} to finish with "
+                f"the teacher-output cache in {self.directory} (it holds "
+                f"{LOCK}).",
+                stacklevel=3,
+            )
+            fcntl.flock(self.descriptor, mode)
+        if self.exclusive:
+            holder = f"pid {os.getpid()} on {socket.gethostname()} (building it)"
+            os.ftruncate(self.descriptor, 0)
+            os.pwrite(self.descriptor, holder.encode(), 0)
+        return self
+
+    def _try_lock(self, mode):
+        try:
+            fcntl.flock(self.descriptor, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def __exit__(self, *exc_info):
+        if self.descriptor is None:
+            return
+        if self.exclusive:
+            os.ftruncate(self.descriptor, 0)
+        os.close(self.descriptor)  # Releases the lock.
+        self.descriptor = None
 
 
 class _Writer:
-    """Appends rows to a cache directory and commits them to its manifest."""
+    """Appends rows to a cache directory and commits them to its manifest.
+
+    Each file's block checksums are computed from the bytes as they are
+    written (a running hash of the last, open block), so what `open`
+    verifies is what the teacher produced, not what the disk gave back.
+    """
 
     def __init__(self, directory, manifest):
         self.directory = directory
         self.manifest = manifest
-        rows = manifest["rows_written"]
-        if rows == 0:
+        self._open_blocks = {}  # name: hasher of its last, partial block
+        if manifest["rows_written"] == 0:
             _remove_cache_files(directory)
             _write_manifest(directory, manifest)
-        # Bytes appended after the last committed manifest are dropped.
-        for name, size in self._committed_sizes():
-            path = directory / f"{name}.bin"
-            if path.exists():
-                os.truncate(path, size)
-            elif size:
-                raise ValueError(f"The cache in {directory} lacks {path.name}.")
+            return
+        block_bytes = manifest["block_bytes"]
+        for name, entry in manifest["files"].items():
+            path = self._path(name)
+            # Bytes appended after the last committed manifest are dropped;
+            # the caller checked that the committed ones are all there.
+            os.truncate(path, entry["bytes"])
+            tail = entry["bytes"] % block_bytes
+            if tail:
+                with open(path, "rb") as file:
+                    file.seek(entry["bytes"] - tail)
+                    self._open_blocks[name] = hashlib.blake2b(
+                        file.read(tail), digest_size=CHECKSUM_BYTES
+                    )
 
-    def _committed_sizes(self):
-        rows = self.manifest["rows_written"]
-        sizes = {DIGESTS: rows * DIGEST_BYTES}
-        for name, spec in self.manifest["arrays"].items():
-            if name == COMPACT_PAYLOAD:
-                sizes[name] = self.manifest["payload_bytes"]
-            else:
-                row_bytes = np.dtype(spec["dtype"]).itemsize * int(
-                    np.prod(spec["shape"])
-                )
-                sizes[name] = rows * row_bytes
-        return sizes.items()
+    def _path(self, name):
+        return self.directory / f"{name}.bin"
+
+    def _add_checksums(self, name, data):
+        """Extends `name`'s size and block checksums by the bytes `data`."""
+        entry = self.manifest["files"].setdefault(name, {"bytes": 0, "blocks": ""})
+        block_bytes = self.manifest["block_bytes"]
+        size, checksums = entry["bytes"], entry["blocks"]
+        hasher = self._open_blocks.pop(name, None)
+        if hasher is None:
+            hasher = hashlib.blake2b(digest_size=CHECKSUM_BYTES)
+        else:
+            checksums = checksums[: -2 * CHECKSUM_BYTES]  # The open block's.
+        data = memoryview(data)
+        while data:
+            chunk = data[: block_bytes - size % block_bytes]
+            hasher.update(chunk)
+            size += len(chunk)
+            data = data[len(chunk) :]
+            if size % block_bytes == 0:
+                checksums += hasher.hexdigest()
+                hasher = hashlib.blake2b(digest_size=CHECKSUM_BYTES)
+        if size % block_bytes:
+            checksums += hasher.hexdigest()
+            self._open_blocks[name] = hasher
+        entry.update(bytes=size, blocks=checksums)
+
+    def _append(self, name, data):
+        with open(self._path(name), "ab") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        self._add_checksums(name, data)
+
+    def _replace(self, name, data):
+        # Write-then-rename: a process reading the old file keeps it whole.
+        temporary = self.directory / f"{name}.bin.tmp"
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self._path(name))
+        self.manifest["files"].pop(name, None)
+        self._open_blocks.pop(name, None)
+        self._add_checksums(name, data)
 
     def append(self, digests, outputs):
         outputs = dict(outputs)
@@ -471,10 +820,7 @@ class _Writer:
                     "one length)."
                 )
         for name, values in [(DIGESTS, digests), *outputs.items()]:
-            with open(self.directory / f"{name}.bin", "ab") as file:
-                file.write(np.ascontiguousarray(values).tobytes())
-                file.flush()
-                os.fsync(file.fileno())
+            self._append(name, np.ascontiguousarray(values).tobytes())
         self.manifest["rows_written"] += len(digests)
         if COMPACT_PAYLOAD in outputs:
             self.manifest["payload_bytes"] += len(outputs[COMPACT_PAYLOAD])
@@ -482,12 +828,43 @@ class _Writer:
 
     def finish(self, data_fingerprint):
         rows = self.manifest["rows_written"]
-        digests = np.fromfile(self.directory / f"{DIGESTS}.bin", DIGEST_DTYPE)
+        # The index is made from the stored digests: they must be intact.
+        _check_files(self.directory, self.manifest, "full", names=[DIGESTS])
+        digests = np.fromfile(self._path(DIGESTS), DIGEST_DTYPE, count=rows)
         order = np.argsort(digests, kind="stable")
-        digests[order].tofile(self.directory / f"{DIGEST_INDEX}.bin")
-        order.astype(np.int64).tofile(self.directory / f"{DIGEST_ROWS}.bin")
+        self._replace(DIGEST_INDEX, digests[order].tobytes())
+        self._replace(DIGEST_ROWS, order.astype(np.int64).tobytes())
         self.manifest.update(complete=True, data=data_fingerprint, index_rows=rows)
         _write_manifest(self.directory, self.manifest)
+
+
+def _relative_to_row_max(logits):
+    """Each row's logits minus its largest finite logit, and those maxima.
+
+    Every loss on the cached logits goes through a softmax, which a per-row
+    shift does not change; stored relative to its maximum, a logit keeps the
+    storage type's relative precision where the probability mass is,
+    whatever the logits' scale. Non-finite logits stay as they are (a row
+    with no finite one is stored unshifted).
+    """
+    logits = np.asarray(logits, np.float32)
+    maxima = np.max(np.where(np.isfinite(logits), logits, -np.inf), axis=-1)
+    maxima = np.where(np.isfinite(maxima), maxima, np.float32(0))
+    return logits - maxima[..., None], maxima
+
+
+def _storable(values, format, what):
+    """`values` as `format`, refusing finite values it would make infinite."""
+    stored = values.astype(format)
+    overflow = np.isfinite(values) & ~np.isfinite(stored)
+    if overflow.any():
+        raise ValueError(
+            f"The teacher's {what} reach {values[overflow][0]:,.0f}, beyond "
+            f"what {format} holds (±{np.finfo(format).max:,.0f}): stored as "
+            f"{format} they would become infinite. Build the cache with "
+            'format="float32".'
+        )
+    return stored
 
 
 class TeacherOutputCache:
@@ -498,6 +875,13 @@ class TeacherOutputCache:
 
     Args:
         directory: A directory written by `build`.
+        verify: How much of the cache to check against the checksums it
+            was written with: `"full"` (default) every block, `"sample"` the
+            digest and index files and a random sample of blocks of the
+            others, `"none"` only the files' sizes.
+
+    Raises:
+        DamagedCacheError: If a file is missing, short or changed.
 
     Example:
 
@@ -511,7 +895,8 @@ class TeacherOutputCache:
     [7, 2]
     """
 
-    def __init__(self, directory):
+    def __init__(self, directory, verify="full"):
+        _check_verify(verify)
         self.directory = Path(directory)
         manifest = _read_manifest(self.directory)
         if manifest is None:
@@ -519,12 +904,7 @@ class TeacherOutputCache:
                 f"No teacher-output cache in {self.directory} ({MANIFEST} is "
                 "missing). Create one with `TeacherOutputCache.build`."
             )
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"The cache in {self.directory} was written by an older "
-                "version of keras_distill; rebuild it with "
-                "`TeacherOutputCache.build(..., overwrite=True)`."
-            )
+        _check_version(self.directory, manifest)
         if not manifest["complete"]:
             raise ValueError(
                 f"The cache in {self.directory} is incomplete "
@@ -532,6 +912,7 @@ class TeacherOutputCache:
                 "interrupted. Call `TeacherOutputCache.build` with the same "
                 "teacher and inputs to resume it."
             )
+        _check_files(self.directory, manifest, verify)
         self.manifest = manifest
         self.num_examples = manifest["index_rows"]
         self.arrays = {
@@ -552,8 +933,9 @@ class TeacherOutputCache:
         )
 
     def __reduce__(self):
-        # Worker processes (PyDataset multiprocessing) reopen the memory maps.
-        return (type(self), (str(self.directory),))
+        # Worker processes (PyDataset multiprocessing) reopen the memory maps;
+        # this process verified them.
+        return (type(self), (str(self.directory), "none"))
 
     @classmethod
     def build(
@@ -566,13 +948,17 @@ class TeacherOutputCache:
         format="float16",
         preprocessing=None,
         overwrite=False,
+        verify="full",
     ):
         """Runs `teacher` once over `inputs` and stores its outputs.
 
         Examples already in a cache with the same teacher, preprocessing and
         format are not run again: a complete cache of the same data is
-        returned as is (after one pass that hashes the inputs), and an
-        interrupted build is resumed.
+        returned as is (after one pass that hashes the inputs, and without
+        writing to the directory, which may be read-only), and an interrupted
+        build is resumed. A build that finds another one running in
+        `directory` waits for it (with a warning naming its process), then
+        reuses or resumes its work.
 
         Args:
             teacher: A Keras model returning logits.
@@ -590,17 +976,25 @@ class TeacherOutputCache:
                 their indices instead of dense logits.
             format: `"float16"` (default) or `"float32"` stored values, or
                 `"compact"` for top-k targets in `keras_distill.codec`'s
-                format (needs `top_k`).
+                format (needs `top_k`). float16 refuses a teacher whose
+                logits span more than 65,504 within a row.
             preprocessing: A JSON-serializable description of how `inputs`
                 were made (tokenizer, sequence length, ...) or the Keras
                 preprocessing layers applied; part of the fingerprint.
                 Layers that draw random numbers are refused.
             overwrite: Replace a complete cache built with another teacher,
-                preprocessing or format, or extend one built from other
-                inputs, instead of raising.
+                preprocessing or format, or a damaged one, or extend one
+                built from other inputs, instead of raising.
+            verify: How much of an existing cache to check against its
+                checksums before it is returned or extended (`"full"`,
+                `"sample"` or `"none"`, as for `TeacherOutputCache`).
 
         Returns:
             The `TeacherOutputCache`.
+
+        Raises:
+            DamagedCacheError: If the cache in `directory` is damaged and
+                `overwrite` is false.
         """
         if not isinstance(teacher, keras.layers.Layer):
             raise TypeError(
@@ -615,6 +1009,7 @@ class TeacherOutputCache:
                 "256 for a language model), or use float16 dense logits."
             )
         check_positive_int("batch_size", batch_size)
+        _check_verify(verify)
         if not _is_stream(inputs):
             inputs = _check_arrays(inputs)
         _check_deterministic(inputs)
@@ -624,19 +1019,62 @@ class TeacherOutputCache:
             "preprocessing": preprocessing_fingerprint(preprocessing),
             "format": json.dumps({"top_k": top_k, "format": format}),
         }
-        manifest = _read_manifest(directory)
-        complete = manifest is not None and manifest.get("complete", False)
-        if manifest is not None and manifest["fingerprint"] != fingerprint:
-            if complete and not overwrite:
+        # The inputs may be a generator, read once: each path below reads
+        # them once, after the last decision about the directory.
+        if _plan(directory, fingerprint, overwrite)[0] == "reuse":
+            with _DirectoryLock(directory, exclusive=False):
+                if _plan(directory, fingerprint, overwrite)[0] == "reuse":
+                    return cls._reuse(directory, inputs, batch_size, verify)
+        directory.mkdir(parents=True, exist_ok=True)
+        with _DirectoryLock(directory, exclusive=True):
+            # Decided again: another build may have run while this one waited.
+            plan, manifest = _plan(directory, fingerprint, overwrite)
+            if plan == "reuse":
+                return cls._reuse(directory, inputs, batch_size, verify)
+            if plan == "resume":
+                try:
+                    _check_files(directory, manifest, verify)
+                except DamagedCacheError:
+                    if not overwrite:
+                        raise
+                    manifest = None
+            return cls._write(
+                teacher, inputs, directory, batch_size, top_k, format,
+                fingerprint, manifest,
+            )
+
+    @classmethod
+    def _reuse(cls, directory, inputs, batch_size, verify):
+        """The complete cache in `directory` if it holds exactly `inputs`."""
+        cache = cls(directory, verify=verify)
+        seen = []
+        for batch in _input_batches(inputs, batch_size):
+            digests = example_digests(batch)
+            if not _contains(cache._digest_index, digests).all():
                 raise ValueError(
-                    f"The cache in {directory} was built with different "
-                    f"{_describe_mismatch(fingerprint, manifest['fingerprint'])}"
-                    "; refusing to use or replace stale teacher outputs. Pass "
-                    "`overwrite=True` to rebuild it, or use another directory."
+                    f"The cache in {directory} was built from different "
+                    "inputs (this example is not in it); refusing to mix "
+                    "them. Pass `overwrite=True` to add the new examples, or "
+                    "use another directory."
                 )
-            # An incomplete cache of another teacher was never usable.
-            _remove_cache_files(directory)
-            manifest = None
+            seen.append(digests)
+        if not seen:
+            raise ValueError("`inputs` holds no examples.")
+        if _data_fingerprint(np.concatenate(seen)) != cache.manifest["data"]:
+            raise ValueError(
+                f"The cache in {directory} was built from different inputs "
+                "(it holds examples these inputs lack); refusing to use stale "
+                "teacher outputs. Pass `overwrite=True` to record these "
+                "inputs, or use another directory."
+            )
+        return cache
+
+    @classmethod
+    def _write(
+        cls, teacher, inputs, directory, batch_size, top_k, format,
+        fingerprint, manifest,
+    ):
+        """Runs the teacher on the examples `manifest` lacks (all if `None`)."""
         if manifest is None:
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -647,13 +1085,14 @@ class TeacherOutputCache:
                 "arrays": {},
                 "top_k": top_k,
                 "payload_bytes": 0,
+                "block_bytes": CHECKSUM_BLOCK_BYTES,
+                "files": {},
             }
-            complete = False
-        directory.mkdir(parents=True, exist_ok=True)
         writer = _Writer(directory, manifest)
+        rows = manifest["rows_written"]
         stored = np.sort(
-            np.fromfile(directory / f"{DIGESTS}.bin", DIGEST_DTYPE)
-            if manifest["rows_written"]
+            np.fromfile(directory / f"{DIGESTS}.bin", DIGEST_DTYPE, count=rows)
+            if rows
             else np.zeros(0, DIGEST_DTYPE)
         )
         seen = []
@@ -663,40 +1102,33 @@ class TeacherOutputCache:
             new = ~_contains(stored, digests)
             if not new.any():
                 continue
-            if complete and not overwrite:
-                raise ValueError(
-                    f"The cache in {directory} was built from different "
-                    "inputs (this example is not in it); refusing to mix "
-                    "them. Pass `overwrite=True` to add the new examples, or "
-                    "use another directory."
-                )
-            manifest["complete"] = complete = False
+            manifest["complete"] = False
             new_rows = np.flatnonzero(new)
             outputs = cls._teacher_outputs(
                 teacher, _slice_inputs(batch, new_rows), top_k, format
             )
             writer.append(digests[new_rows], outputs)
-        seen = np.concatenate(seen) if seen else np.zeros(0, DIGEST_DTYPE)
-        if len(seen) == 0:
+        if not seen:
             raise ValueError("`inputs` holds no examples.")
-        data = _data_fingerprint(seen)
-        if complete and data != manifest["data"] and not overwrite:
-            raise ValueError(
-                f"The cache in {directory} was built from different inputs "
-                "(it holds examples these inputs lack); refusing to use stale "
-                "teacher outputs. Pass `overwrite=True` to record these "
-                "inputs, or use another directory."
-            )
-        if not complete or data != manifest["data"]:
+        data = _data_fingerprint(np.concatenate(seen))
+        if not manifest["complete"] or data != manifest["data"]:
             writer.finish(data)
-        return cls(directory)
+        # Its rows were checked before they were extended, or checksummed
+        # from memory as they were written: sizes are enough here.
+        return cls(directory, verify="none")
 
     @staticmethod
     def _teacher_outputs(teacher, batch, top_k, format):
         # A compiled inference step, as `predict` runs it.
         logits = teacher.predict_on_batch(batch)
         if top_k is None:
-            return {TEACHER_LOGITS: np.asarray(logits).astype(format)}
+            relative, maxima = _relative_to_row_max(logits)
+            return {
+                TEACHER_LOGITS: _storable(
+                    relative, format, "logits (relative to each row's largest)"
+                ),
+                LOGIT_OFFSETS: maxima,
+            }
         log_probs, indices = top_k_teacher_targets(logits, top_k)
         log_probs = keras.ops.convert_to_numpy(log_probs)
         indices = keras.ops.convert_to_numpy(indices)
@@ -716,13 +1148,20 @@ class TeacherOutputCache:
             }
         index_dtype = np.min_scalar_type(vocabulary_size - 1)
         return {
-            TEACHER_TOP_LOG_PROBS: log_probs.astype(format),
+            TEACHER_TOP_LOG_PROBS: _storable(
+                log_probs, format, "top-k log-probabilities"
+            ),
             TEACHER_TOP_INDICES: indices.astype(index_dtype),
         }
 
     @classmethod
-    def open(cls, directory, teacher=None, inputs=None, preprocessing=None):
+    def open(
+        cls, directory, teacher=None, inputs=None, preprocessing=None,
+        verify="full",
+    ):
         """Opens a complete cache, checking what you pass against it.
+
+        Waits for a build running in `directory` to finish.
 
         Args:
             directory: The cache directory.
@@ -731,11 +1170,18 @@ class TeacherOutputCache:
                 cached inputs.
             preprocessing: If `teacher` or `inputs` is given, the
                 preprocessing must match too.
+            verify: How much of the cache to check against its checksums:
+                `"full"` (default), `"sample"` or `"none"` (see
+                `TeacherOutputCache`).
 
         Returns:
             The `TeacherOutputCache`.
+
+        Raises:
+            DamagedCacheError: If a file is missing, short or changed.
         """
-        cache = cls(directory)
+        with _DirectoryLock(directory, exclusive=False):
+            cache = cls(directory, verify=verify)
         stored = {"data": cache.manifest["data"], **cache.manifest["fingerprint"]}
         given = {}
         if teacher is not None:
@@ -789,17 +1235,24 @@ class TeacherOutputCache:
             rows: Integer row indices or a slice.
 
         Returns:
-            A dict of float32 (values) and int32 (indices) arrays. Compact
-            top-k targets come back with each position's entries sorted by
-            index.
+            A dict of float32 (values) and int32 (indices) arrays. Dense
+            logits come back as the teacher gave them, up to the storage
+            type's rounding of each logit's difference from its row's
+            largest. Compact top-k targets come back with each position's
+            entries sorted by index.
         """
         if self.compact:
             return self._compact_targets(np.arange(self.num_examples)[rows])
         targets = {}
         for name, array in self.arrays.items():
+            if name == LOGIT_OFFSETS:
+                continue
             values = np.asarray(array[rows])
             kind = "int32" if name == TEACHER_TOP_INDICES else "float32"
             targets[name] = values.astype(kind)
+        if TEACHER_LOGITS in targets:
+            offsets = np.asarray(self.arrays[LOGIT_OFFSETS][rows])
+            targets[TEACHER_LOGITS] += offsets[..., None]
         return targets
 
     def _compact_targets(self, rows):
@@ -834,6 +1287,7 @@ class TeacherOutputCache:
                 tuple(spec["shape"]),
             )
             for name, spec in self.manifest["arrays"].items()
+            if name != LOGIT_OFFSETS
         }
 
     def batch_targets(self, inputs, labels=None):
