@@ -530,6 +530,9 @@ def format_table(results):
 
 def parse_args(argv=None):
     root = Path(__file__).resolve().parents[1]
+    known, _ = _recipe_parser().parse_known_args(argv)
+    # `--teacher` alone: a real teacher and a student cut from its blocks.
+    pretrained = bool(known.teacher) and not known.student
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -537,7 +540,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=str(root.parent / "shared" / "data"),
                         help="folder holding tinyshakespeare.txt")
     parser.add_argument("--output-dir", default="gemma_distillation_output")
-    parser.add_argument("--teacher", help="teacher preset name or directory (default: build one)")
+    parser.add_argument("--teacher",
+                        help="teacher preset name or directory (default: build one); alone, "
+                             "e.g. gemma3-270m or a .gguf file, it teaches a student cut "
+                             "from its own blocks (examples/pretrained_gemma.py)")
     parser.add_argument("--student", help="student preset name or directory")
     parser.add_argument("--sequence-length", type=int, default=64)
     parser.add_argument("--vocabulary-size", type=int, default=1000)
@@ -562,13 +568,35 @@ def parse_args(argv=None):
                         help="on-policy and sequence-level: prompt tokens per window")
     parser.add_argument("--sample-prompts", type=int, default=256,
                         help="held-out prompts each student continues for the teacher to score")
+    parser.add_argument("--train-tokens", type=int, default=40_960,
+                        help="real teacher: training tokens (first 90%% of the text)")
+    parser.add_argument("--heldout-tokens", type=int, default=4_096,
+                        help="real teacher: held-out tokens (last 10%% of the text)")
+    parser.add_argument("--student-layers", type=int, default=6,
+                        help="real teacher: student blocks copied from the teacher's")
+    parser.add_argument("--top-k", type=int, default=256,
+                        help="real teacher: cached teacher log-probabilities per token")
+    if pretrained:
+        parser.set_defaults(sequence_length=128, batch_size=8, learning_rate=3e-4,
+                            student_epochs=2, generate_length=24)
     args = parser.parse_args(argv)
-    if bool(args.teacher) != bool(args.student):
-        parser.error("pass both --teacher and --student, or neither")
+    args.pretrained = pretrained
+    if args.student and not args.teacher:
+        parser.error("--student needs --teacher")
+    if pretrained and args.mode != "token":
+        parser.error("--mode applies to the tiny and two-preset recipes")
+    for name in ("train_tokens", "heldout_tokens", "student_layers", "top_k", "batch_size",
+                 "sequence_length", "student_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     # (hidden_dim, num_layers, num_heads)
     args.teacher_size = (128, 4, 4)
     args.student_size = (64, 1, 2)
-    if args.quick:
+    if args.quick and pretrained:
+        args.train_tokens, args.heldout_tokens = 16 * 64, 4 * 64
+        args.sequence_length, args.student_layers, args.top_k = 64, 2, 64
+        args.student_epochs, args.generate_length = 1, min(args.generate_length, 8)
+    elif args.quick:
         args.teacher_size, args.student_size = (32, 1, 2), (16, 1, 2)
         args.vocabulary_size = min(args.vocabulary_size, 300)
         args.teacher_epochs = args.student_epochs = 1
@@ -579,8 +607,20 @@ def parse_args(argv=None):
     return args
 
 
+def _recipe_parser():
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--teacher")
+    parser.add_argument("--student")
+    return parser
+
+
 def main(argv=None):
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if args.pretrained:
+        from keras_distill.cli import load_example
+
+        return load_example("pretrained_gemma").run(args)
+    return run(args)
 
 
 if __name__ == "__main__":
