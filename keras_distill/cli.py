@@ -57,7 +57,9 @@ Knowledge distillation with Keras 3 on JAX, TensorFlow or PyTorch.
 Each example trains a large "teacher" model, then a small "student" twice:
 once distilled (it learns from the teacher's softened outputs as well as the
 labels) and once from scratch (labels only), and prints a table comparing
-them. Results go to --output-dir as results.json with PNG plots beside it.
+them. Results go to --output-dir as results.json with PNG plots beside it;
+a results.json of an earlier run is renamed results.json.stale when a run
+starts, so an interrupted run never leaves old results next to new models.
 """
 
 EPILOG = """\
@@ -355,6 +357,43 @@ def _check_data_dir(args):
         )
 
 
+def _check_output_dir(output_dir):
+    """Refuses an `--output-dir` that cannot be written, before any work.
+
+    The folder itself, or else the nearest folder above it that exists (it
+    is created there), must be a writable folder.
+    """
+    path = Path(output_dir)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandLineError(
+            f"--output-dir {output_dir}: {existing} is a file, not a folder; "
+            "pass a folder path (it is created if missing)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandLineError(
+            f"--output-dir {output_dir}: {existing} is not writable; pass a "
+            "folder you can write to"
+        )
+
+
+# A results.json that a new run has not written yet is set aside under this
+# name, so it never sits next to new models after an interrupted run.
+STALE_RESULTS = "results.json.stale"
+
+
+def _set_aside_stale_results(output_dir):
+    results = Path(output_dir) / "results.json"
+    if results.is_file():
+        results.replace(results.with_name(STALE_RESULTS))
+        print(
+            f"Moved the previous {results} to {STALE_RESULTS}; this run "
+            "writes a new results.json when it completes"
+        )
+
+
 def _report_outputs(output_dir):
     output_dir = Path(output_dir)
     written = sorted(
@@ -376,8 +415,19 @@ def _run_example(command, args, extra, parser):
         return 0
     argv = _example_argv(args, extra, module.parse_args([]), command)
     _check_example_argv(module, command, argv)
+    options = module.parse_args(argv)
+    batch_size = getattr(options, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        # Some examples read 0 as "the recipe's default".
+        raise CommandLineError(
+            f"--batch-size must be at least 1, got {batch_size}; leave it out "
+            "for the example's default"
+        )
+    output_dir = getattr(options, "output_dir", None)
+    if output_dir is not None:
+        _check_output_dir(output_dir)
+        _set_aside_stale_results(output_dir)
     module.main(argv)
-    output_dir = getattr(module.parse_args(argv), "output_dir", None)
     if output_dir is not None:
         _report_outputs(output_dir)
     return 0
@@ -408,10 +458,25 @@ def build_cache(args):
             f"--teacher {teacher_path} is not a .keras file; save the teacher "
             "with `model.save('teacher.keras')`"
         )
-    teacher = keras.saving.load_model(teacher_path, compile=False)
+    if args.format == "compact" and args.top_k is None:
+        raise CommandLineError(
+            "--format compact stores top-k targets: add --top-k K (e.g. "
+            "--top-k 8), or choose --format float16"
+        )
+    output_dir = Path(args.output_dir or "runs/mnist_teacher_cache")
+    _check_output_dir(output_dir)
+    try:
+        teacher = keras.saving.load_model(teacher_path, compile=False)
+    except Exception as error:  # Any failure to read a user's file.
+        reason = str(error).strip().splitlines()[0] if str(error) else ""
+        raise CommandLineError(
+            f"--teacher {teacher_path} cannot be loaded as a Keras model "
+            f"({type(error).__name__}: {reason}); re-save the teacher with "
+            "`model.save('teacher.keras')`"
+        ) from None
     data_dir = args.data_dir or "../shared/data"
     (x_train, _), _ = load_mnist(data_dir)
-    output_dir = Path(args.output_dir or "runs/mnist_teacher_cache")
+    _check_teacher_takes(teacher, teacher_path, x_train)
     print(
         f"Running {teacher_path} over {len(x_train):,} MNIST training images "
         f"into {output_dir}"
@@ -427,6 +492,34 @@ def build_cache(args):
     )
     print(f"Cached teacher outputs of {len(x_train):,} examples in {output_dir}/")
     return cache
+
+
+def _batch_shape(shape):
+    return f"(batch, {', '.join(map(str, tuple(shape)[1:]))})"
+
+
+def _check_teacher_takes(teacher, teacher_path, inputs):
+    """Refuses a teacher that does not map `inputs` to `(batch, classes)`."""
+    try:
+        outputs = teacher(inputs[:1], training=False)
+        shape = tuple(outputs.shape)
+    except Exception as error:  # Whatever the model raises on these inputs.
+        model_inputs = getattr(teacher, "inputs", None)
+        reason = (
+            f"it takes {_batch_shape(model_inputs[0].shape)}" if model_inputs
+            else type(error).__name__
+        )
+        raise CommandLineError(
+            f"--teacher {teacher_path} does not take MNIST images of shape "
+            f"{_batch_shape(inputs.shape)} ({reason}); "
+            "pass a teacher trained on them, e.g. runs/mnist/teacher.keras "
+            "from `keras-distill mnist`"
+        ) from None
+    if len(shape) != 2:
+        raise CommandLineError(
+            f"--teacher {teacher_path} returns outputs of shape {shape}, not "
+            "(batch, classes) logits; pass a classifier of MNIST images"
+        )
 
 
 def main(argv=None):

@@ -1,5 +1,7 @@
 """`Distiller`: a `keras.Model` that trains a student on a teacher's soft targets."""
 
+import contextlib
+import inspect
 import math
 
 import keras
@@ -24,6 +26,12 @@ _TEACHER_OUTPUT_KEYS = (
     TEACHER_TOP_LOG_PROBS,
     TEACHER_TOP_INDICES,
 )
+
+# Codes of the checks a step records in `Distiller._batch_status` when they
+# fail; `NonFiniteLossGuard` turns them into errors.
+_LABEL_OUT_OF_RANGE = 1
+_TOKEN_OUT_OF_RANGE = 2
+_TEACHER_PROBABILITIES = 3
 
 # Spellings of Keras's probability-space KL that mean "KL of the softened
 # distributions" in the keras.io idiom; they are computed from logits instead.
@@ -69,6 +77,17 @@ def split_targets(y):
     return y.get(LABELS), teacher_outputs
 
 
+def single_sample_weight(sample_weight):
+    """The one weights array of a batch whose `y` may be a dict.
+
+    Keras copies a `fit(sample_weight=...)` array to every entry of a dict
+    `y` (labels and teacher outputs); all the copies are the same array.
+    """
+    if isinstance(sample_weight, dict):
+        return next(iter(sample_weight.values()), None)
+    return sample_weight
+
+
 def _split_teacher_metrics(metrics):
     """Splits compiled metrics into student metrics and teacher–student ones.
 
@@ -104,6 +123,43 @@ def _class_count(model):
     return outputs[0].shape[-1]
 
 
+def _softmax_output_layer(model):
+    """The layer that applies softmax to a functional model's output, or None."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) != 1:
+        return None
+    history = getattr(outputs[0], "_keras_history", None)
+    layer = getattr(history, "operation", None)
+    if isinstance(layer, keras.layers.Softmax) or (
+        getattr(layer, "activation", None) is keras.activations.softmax
+    ):
+        return layer
+    return None
+
+
+def _check_returns_logits(name, model):
+    """Refuses a model whose last layer turns its logits into probabilities."""
+    layer = _softmax_output_layer(model)
+    if layer is None:
+        return
+    if isinstance(layer, keras.layers.Softmax):
+        fix = (
+            f"`{name} = keras.Model({name}.inputs, "
+            f"{name}.get_layer({layer.name!r}).input)`"
+        )
+    else:
+        fix = (
+            f"`{name}.get_layer({layer.name!r}).activation = "
+            "keras.activations.linear`"
+        )
+    raise ValueError(
+        f"The {name}'s output layer {layer.name!r} applies softmax, so the "
+        f"{name} returns probabilities, but the Distiller softens logits "
+        "(softmax(p / T) of probabilities is nearly uniform). Give it "
+        f"logits: {fix}."
+    )
+
+
 def _is_keras_kl(loss):
     if isinstance(loss, str):
         return loss.lower() in _KERAS_KL_NAMES
@@ -112,28 +168,60 @@ def _is_keras_kl(loss):
     return loss is keras.losses.kl_divergence
 
 
-# Both models return logits, so the crossentropies named by string are built
-# with `from_logits=True` (`keras.losses.get` would assume probabilities).
+# The student returns logits, so Keras's crossentropy functions, by name or
+# as functions (which default to probabilities), become these losses with
+# `from_logits=True`.
 _LOGITS_CROSSENTROPIES = {
-    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
-    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
-    "binary_crossentropy": keras.losses.BinaryCrossentropy,
+    keras.losses.sparse_categorical_crossentropy: (
+        keras.losses.SparseCategoricalCrossentropy
+    ),
+    keras.losses.categorical_crossentropy: keras.losses.CategoricalCrossentropy,
+    keras.losses.binary_crossentropy: keras.losses.BinaryCrossentropy,
+    keras.losses.categorical_focal_crossentropy: (
+        keras.losses.CategoricalFocalCrossentropy
+    ),
+    keras.losses.binary_focal_crossentropy: (
+        keras.losses.BinaryFocalCrossentropy
+    ),
 }
+
+
+def _takes_probabilities(function):
+    """Whether `function` has a `from_logits` argument that defaults to False."""
+    try:
+        parameter = inspect.signature(function).parameters.get("from_logits")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is False
 
 
 def _logits_loss(loss):
     """The hard-label loss, refusing crossentropies that expect probabilities."""
     if isinstance(loss, str):
-        if loss in _LOGITS_CROSSENTROPIES:
-            return _LOGITS_CROSSENTROPIES[loss](from_logits=True)
-        return keras.losses.get(loss)
+        loss = keras.losses.get(loss)
+    if loss in _LOGITS_CROSSENTROPIES:
+        return _LOGITS_CROSSENTROPIES[loss](from_logits=True)
     if getattr(loss, "from_logits", True) is False:
         raise ValueError(
             "`student_loss_fn` expects probabilities (from_logits=False), but "
             "the student returns logits: use e.g. "
             "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`."
         )
+    if not isinstance(loss, keras.losses.Loss) and _takes_probabilities(loss):
+        raise ValueError(
+            f"`student_loss_fn` {getattr(loss, '__name__', loss)!r} takes "
+            "`from_logits=False` by default, but it is called as "
+            "`fn(labels, student_logits)` with logits: pass "
+            "`functools.partial(fn, from_logits=True)`."
+        )
     return loss
+
+
+def _label_range_check(loss):
+    """`(checked, ignore_class)`: whether `loss` takes class-index labels."""
+    if not isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return False, None
+    return True, loss._fn_kwargs.get("ignore_class")
 
 
 def _is_forward_kl(loss):
@@ -143,6 +231,17 @@ def _is_forward_kl(loss):
         or isinstance(loss, losses_module.ForwardKL)
         or (isinstance(loss, str) and loss == "forward_kl")
         or loss is losses_module.forward_kl
+    )
+
+
+def _is_reverse_kl(loss):
+    """Whether `loss` is the reverse KL, infinite where the teacher gives 0."""
+    if isinstance(loss, losses_module.GeneralizedJSD):
+        return loss.beta == 1.0
+    return (
+        isinstance(loss, losses_module.ReverseKL)
+        or (isinstance(loss, str) and loss == "reverse_kl")
+        or loss is losses_module.reverse_kl
     )
 
 
@@ -229,9 +328,21 @@ class Distiller(keras.Model):
     so the update equals one step on their concatenation. Calling the Distiller (and
     `predict`) runs the student.
 
-    The teacher is frozen: `teacher.trainable` is set to `False`, it runs in
-    inference mode (`training=False`, so BatchNorm and Dropout behave as at
-    inference), and its outputs are wrapped in `stop_gradient`.
+    The teacher is frozen: `teacher.trainable` is set to `False`, its
+    weights are never among the Distiller's trainable variables (so no
+    optimizer, weight decay included, moves them, even after
+    `teacher.trainable = True`), it runs in inference mode
+    (`training=False`, so BatchNorm and Dropout behave as at inference), and
+    its outputs are wrapped in `stop_gradient`. Both models must return
+    logits: a softmax output layer is refused, and so is a batch of teacher
+    outputs that are probabilities (rows summing to 1, no value above 1).
+
+    Positions whose `sample_weight` is 0 (padding) never reach the loss:
+    their logits are replaced before any maths, so NaN or inf there does not
+    matter, and a teacher logit of `-inf` elsewhere rules its class out. A
+    label outside the student's classes (for
+    `SparseCategoricalCrossentropy`), like a NaN teacher, gives that step a
+    zero gradient and stops `fit` with an error naming it.
 
     Precomputed teacher outputs (say, from a teacher-output cache) can ride in
     each batch's `y` instead: a dict with `"labels"` and `"teacher_logits"`,
@@ -281,6 +392,9 @@ class Distiller(keras.Model):
                 "separate model (e.g. `keras.models.clone_model(teacher)`)."
             )
         self._check_output_sizes(student, teacher)
+        _check_returns_logits("student", student)
+        if teacher is not None:
+            _check_returns_logits("teacher", teacher)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -299,6 +413,17 @@ class Distiller(keras.Model):
         self._next_iteration = self._accumulation_counter(
             "next_iteration", "int32"
         )
+        # The first failed check of this `fit`: `[code, value, limit]`, e.g.
+        # `[_LABEL_OUT_OF_RANGE, label, classes]` (see `_record_checks`).
+        self._batch_status = self.add_weight(
+            shape=(3,),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            autocast=False,
+            name="batch_status",
+        )
+        self._predicting = False
         # Callbacks such as BackupAndRestore need a built model before `fit`.
         self.built = student.built and (teacher is None or teacher.built)
         if feature_distillation is not None:
@@ -331,6 +456,61 @@ class Distiller(keras.Model):
                 f"{student_classes}: `teacher` and `student` must have the "
                 "same output shape."
             )
+
+    def _saved_variables(self):
+        # `_batch_status` belongs to one `fit`, not to the model: saved files
+        # keep the layout they had before it existed, both ways.
+        own = self._trainable_variables + self._non_trainable_variables
+        return [v for v in own if v is not self._batch_status]
+
+    def save_own_variables(self, store):
+        for index, variable in enumerate(self._saved_variables()):
+            store[f"{index}"] = variable
+
+    def load_own_variables(self, store):
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"The Distiller {self.name!r} has {len(variables)} variables "
+                f"of its own ({[v.name for v in variables]}), but the file "
+                f"holds {len(store.keys())}: it was saved by another version."
+            )
+        for index, variable in enumerate(variables):
+            variable.assign(store[f"{index}"])
+
+    def _teacher_only_variables(self, variables):
+        """The teacher's variables among `variables` (not the student's)."""
+        if self.teacher is None:
+            return []
+        student = {id(v) for v in self.student.variables}
+        teacher = {id(v) for v in self.teacher.variables} - student
+        return [v for v in variables if id(v) in teacher]
+
+    def _without_teacher(self, variables):
+        excluded = {id(v) for v in self._teacher_only_variables(variables)}
+        return [v for v in variables if id(v) not in excluded]
+
+    # The teacher stays out of the optimizer whatever its `trainable` flag (a
+    # user may set it back to True): its variables are non-trainable here.
+    @property
+    def trainable_weights(self):
+        return self._without_teacher(super().trainable_weights)
+
+    @property
+    def non_trainable_weights(self):
+        return super().non_trainable_weights + self._teacher_only_variables(
+            super().trainable_weights
+        )
+
+    @property
+    def trainable_variables(self):
+        return self._without_teacher(super().trainable_variables)
+
+    @property
+    def non_trainable_variables(self):
+        return super().non_trainable_variables + self._teacher_only_variables(
+            super().trainable_variables
+        )
 
     def _teacher_logits(self, x):
         """The teacher's logits for `x`, as the divergence compares them."""
@@ -368,7 +548,15 @@ class Distiller(keras.Model):
             metrics: Metrics of the student's predictions against `y`.
             student_loss_fn: Hard-label loss between `y` and the student's
                 logits, e.g. `SparseCategoricalCrossentropy(from_logits=True)`.
-                Required unless `alpha` is 0.
+                Keras's crossentropies by name (`"sparse_categorical_
+                crossentropy"`) or as functions
+                (`keras.losses.sparse_categorical_crossentropy`) are applied
+                to logits; a loss object with `from_logits=False` is refused.
+                Any other function is called as `fn(labels, student_logits)`
+                and returns per-example losses; one with a `from_logits`
+                argument that defaults to False is refused (pass
+                `functools.partial(fn, from_logits=True)`). Required unless
+                `alpha` is 0.
             distillation_loss_fn: Divergence between teacher and student.
                 `None`, `"kl_divergence"` or `keras.losses.KLDivergence()`
                 mean forward KL of the softened distributions, computed from
@@ -400,12 +588,16 @@ class Distiller(keras.Model):
                 "; or pass alpha=0 to train on the teacher alone."
             )
         student_loss_fn = _logits_loss(student_loss_fn)
+        self._label_check = _label_range_check(student_loss_fn)
         self._student_losses = (
             None if student_loss_fn is None else _per_example_loss_fn(
                 student_loss_fn
             )
         )
         self._divergence_is_forward_kl = _is_forward_kl(distillation_loss_fn)
+        # A class ruled out by a -inf teacher logit makes the reverse KL (and
+        # its gradient) infinite: such a batch is refused as broken.
+        self._minus_inf_is_broken = _is_reverse_kl(distillation_loss_fn)
         self._divergence = _resolve_distillation_loss(
             distillation_loss_fn, temperature
         )
@@ -439,12 +631,33 @@ class Distiller(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def call(self, inputs, training=None):
+        if self._predicting:
+            # `predict` gives the student's logits, whatever the loss reads.
+            return self.student(inputs, training=False)
+        return self._step_outputs(inputs, training)
+
+    def _step_outputs(self, inputs, training):
+        """What a training or test step's `compute_loss` gets as `y_pred`."""
         if self.feature_distillation is not None:
             # One student pass for its logits and its mapped layers.
             return self.feature_distillation.student_outputs(
                 inputs, training=training
             )
         return self.student(inputs, training=training)
+
+    @contextlib.contextmanager
+    def _student_prediction(self):
+        self._predicting = True
+        try:
+            yield
+        finally:
+            self._predicting = False
+
+    def predict_step(self, *args, **kwargs):
+        # The arguments differ by backend (JAX passes the state first); the
+        # step is traced inside this scope, so `call` runs the plain student.
+        with self._student_prediction():
+            return super().predict_step(*args, **kwargs)
 
     def _check_output_shapes(self, teacher_logits, student_logits):
         teacher_shape = tuple(teacher_logits.shape)
@@ -461,8 +674,13 @@ class Distiller(keras.Model):
             )
 
     def _dense_distillation_loss(
-        self, teacher_logits, student_logits, sample_weight
+        self, teacher_logits, student_logits, sample_weight, real
     ):
+        """`(divergence, teacher_finite, checks)` of dense teacher logits.
+
+        `real` (see `losses.real_positions`) selects the positions that
+        count; `student_logits` are already zero elsewhere.
+        """
         if not hasattr(teacher_logits, "shape"):
             raise TypeError(
                 "The Distiller expects the teacher to return one logits "
@@ -470,20 +688,48 @@ class Distiller(keras.Model):
             )
         self._check_output_shapes(teacher_logits, student_logits)
         teacher_logits = ops.stop_gradient(ops.cast(teacher_logits, "float32"))
+        if real is not None:
+            # Selected before any maths: NaN there would reach the gradient.
+            teacher_logits = ops.where(real, teacher_logits, 0.0)
+        # Two reductions per row check the whole batch. A NaN or +inf logit
+        # makes the row sum NaN or +inf; a row of -inf alone has no
+        # distribution (its max is -inf); a -inf among finite logits rules
+        # its class out and is fine (but for the reverse KL). Rows that sum
+        # to 1 with no value above 1 are probabilities, not logits.
+        row_sum = ops.sum(teacher_logits, axis=-1)
+        row_max = ops.max(teacher_logits, axis=-1)
+        broken = (
+            ops.isnan(row_sum)
+            | ops.equal(row_sum, float("inf"))
+            | ops.equal(row_max, float("-inf"))
+        )
+        if self._minus_inf_is_broken:
+            broken = broken | ops.equal(row_sum, float("-inf"))
+        probabilities = (row_max <= 1.0) & (ops.abs(row_sum - 1.0) < 1e-3)
+        if real is not None:
+            probabilities = probabilities | ops.logical_not(real[..., 0])
+        # One class is no evidence: its softmax is 1 whatever the logit.
+        looks_like_probabilities = ops.all(probabilities) & (
+            teacher_logits.shape[-1] != 1
+        )
+        if real is not None:
+            looks_like_probabilities = looks_like_probabilities & ops.any(real)
+        teacher_finite = ops.logical_not(ops.any(broken))
         # A non-finite teacher batch is replaced by the student itself (zero
         # divergence); `compute_loss` then multiplies the loss by 0, so the
         # gradient is exactly zero, and adds a NaN outside the gradient.
-        teacher_finite = ops.all(ops.isfinite(teacher_logits))
         teacher_logits = ops.where(
             teacher_finite, teacher_logits, ops.stop_gradient(student_logits)
         )
+        checks = [(_TEACHER_PROBABILITIES, looks_like_probabilities, 0, 0)]
         return (
             self._divergence(teacher_logits, student_logits, sample_weight),
             teacher_finite,
+            checks,
         )
 
     def _sparse_distillation_loss(
-        self, teacher_outputs, student_logits, sample_weight
+        self, teacher_outputs, student_logits, sample_weight, real
     ):
         if not self._divergence_is_forward_kl:
             raise ValueError(
@@ -494,6 +740,8 @@ class Distiller(keras.Model):
         log_probs = ops.stop_gradient(
             ops.cast(teacher_outputs[TEACHER_TOP_LOG_PROBS], "float32")
         )
+        if real is not None:
+            log_probs = ops.where(real, log_probs, 0.0)
         # -inf marks unused entries; only NaN means a broken teacher.
         teacher_finite = ops.logical_not(ops.any(ops.isnan(log_probs)))
         log_probs = ops.where(teacher_finite, log_probs, 0.0)
@@ -505,7 +753,101 @@ class Distiller(keras.Model):
             sample_weight=sample_weight,
             targets_temperature=1.0,
         )
-        return distillation_loss, teacher_finite
+        return distillation_loss, teacher_finite, []
+
+    def _checked_inputs(self, x):
+        """`(x, checks)`: the step's inputs, made safe, and their checks.
+
+        Each check is `(code, failed, value, limit)`, scalars for
+        `_record_checks`. Plain inputs have none; `CausalLMDistiller`
+        checks token ids.
+        """
+        return x, []
+
+    def _checked_labels(
+        self, labels, sample_weight, num_classes, ignore_class=None
+    ):
+        """`(labels, checks)`: class labels outside `[0, num_classes)` replaced.
+
+        Labels of zero-weight positions are replaced too (padding may carry
+        any id, e.g. -100) and never checked; SparseCategoricalCrossentropy's
+        `ignore_class` is kept. JAX would gather out-of-range classes
+        silently and torch or TensorFlow fail deep in the step; replacing
+        them keeps every backend's step finite, and the check stops `fit`.
+        """
+        labels = ops.convert_to_tensor(labels)
+        values = ops.cast(labels, "int32")
+        keep = (values >= 0) & (values < num_classes)
+        if ignore_class is not None:
+            keep = keep | ops.equal(values, ignore_class)
+        counted = ops.ones_like(values, dtype="bool")
+        if sample_weight is not None:
+            counted = ops.not_equal(
+                losses_module.broadcast_weights(
+                    sample_weight, ops.cast(values, "float32")
+                ),
+                0.0,
+            )
+        bad = ops.logical_not(keep) & counted
+        first_bad = ops.argmax(ops.cast(ops.reshape(bad, (-1,)), "int32"))
+        value = ops.take(ops.reshape(values, (-1,)), first_bad)
+        safe = ops.where(keep & counted, labels, ops.zeros_like(labels))
+        return safe, [(_LABEL_OUT_OF_RANGE, ops.any(bad), value, num_classes)]
+
+    def _record_checks(self, checks):
+        """Records the first failed check; returns whether any failed.
+
+        The status sticks until the next `fit` resets it, so a failed check
+        of any batch (also within `steps_per_execution`) is the one
+        `NonFiniteLossGuard` reports. Costs one int32 assignment per step.
+        """
+        status = ops.zeros((3,), "int32")
+        failed_any = ops.zeros((), "bool")
+        for code, failed, value, limit in reversed(checks):
+            row = ops.stack(
+                [
+                    ops.convert_to_tensor(code, "int32"),
+                    ops.cast(value, "int32"),
+                    ops.convert_to_tensor(limit, "int32"),
+                ]
+            )
+            status = ops.where(failed, row, status)
+            failed_any = failed_any | failed
+        previous = self._batch_status.value
+        self._batch_status.assign(
+            ops.where(ops.not_equal(previous[0], 0), previous, status)
+        )
+        return failed_any
+
+    def batch_error(self):
+        """The error of the first failed check of the last `fit`, or None.
+
+        Returns:
+            A `ValueError` naming the bad label, token id or the teacher's
+            probabilities, and the fix; `None` if every check passed.
+        """
+        code, value, limit = (
+            int(v) for v in ops.convert_to_numpy(self._batch_status.value)
+        )
+        if code == _LABEL_OUT_OF_RANGE:
+            return ValueError(
+                f"Label {value} is outside the student's {limit} classes "
+                f"[0, {limit}): labels must be class indices below {limit} "
+                "(or have sample_weight 0, e.g. padding)."
+            )
+        if code == _TOKEN_OUT_OF_RANGE:
+            return ValueError(
+                f"Token id {value} is outside the vocabulary of {limit} "
+                f"tokens [0, {limit}): tokenize with the models' tokenizer."
+            )
+        if code == _TEACHER_PROBABILITIES:
+            return ValueError(
+                "The teacher's outputs are probabilities (every row sums to "
+                "1, no value above 1), but the Distiller softens logits: "
+                "remove the teacher's final softmax, or pass "
+                "`np.log(probabilities)` as its logits."
+            )
+        return None
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Compiled metrics compare the labels alone with the student.
@@ -521,9 +863,14 @@ class Distiller(keras.Model):
         a batch whose weights are all zero gives a loss of 0. With the
         optimizer's `gradient_accumulation_steps`, the gradient is normalized
         by the weights of the whole accumulated batch instead (see
-        `_normalize_over_accumulation`); the value stays this batch's loss. If the teacher's
-        outputs are not finite, the step's gradient is zero (no NaN reaches
-        the student) and the returned loss is NaN, which stops `fit`.
+        `_normalize_over_accumulation`); the value stays this batch's loss.
+        Zero-weight positions are replaced before any maths. If the
+        teacher's outputs are not finite, or a check fails (a label outside
+        the classes, a token id outside the vocabulary, teacher outputs that
+        are probabilities; two row reductions over the teacher logits and
+        a few elementwise ops over the labels), the step's gradient is zero (no NaN
+        reaches the student) and the returned loss is NaN, which stops
+        `fit` with an error naming the problem.
         """
         labels, teacher_outputs = split_targets(y)
         if not hasattr(y_pred, "shape"):
@@ -531,11 +878,21 @@ class Distiller(keras.Model):
                 "The Distiller expects the student to return one logits "
                 f"tensor, got {type(y_pred).__name__}."
             )
+        x, checks = self._checked_inputs(x)
+        sample_weight = single_sample_weight(sample_weight)
         student_logits = ops.cast(y_pred, "float32")
+        real = losses_module.real_positions(sample_weight, student_logits)
+        if real is not None:
+            # Padding never reaches the loss, not even its gradient: NaN or
+            # inf there (some attention kernels give them to fully masked
+            # rows) would survive a multiplication by a zero weight.
+            student_logits = ops.where(real, student_logits, 0.0)
         if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
-            distillation_loss, teacher_finite = self._sparse_distillation_loss(
-                teacher_outputs, self._shared_logits(student_logits),
-                sample_weight,
+            distillation_loss, teacher_finite, teacher_checks = (
+                self._sparse_distillation_loss(
+                    teacher_outputs, self._shared_logits(student_logits),
+                    sample_weight, real,
+                )
             )
         else:
             if teacher_outputs is not None:
@@ -549,9 +906,11 @@ class Distiller(keras.Model):
                 )
             else:
                 teacher_logits = self._teacher_logits(x)
-            distillation_loss, teacher_finite = self._dense_distillation_loss(
-                teacher_logits, self._shared_logits(student_logits),
-                sample_weight,
+            distillation_loss, teacher_finite, teacher_checks = (
+                self._dense_distillation_loss(
+                    teacher_logits, self._shared_logits(student_logits),
+                    sample_weight, real,
+                )
             )
         if labels is None and self.alpha > 0:
             raise ValueError(
@@ -562,6 +921,13 @@ class Distiller(keras.Model):
         if self._student_losses is None or labels is None:
             student_loss = ops.zeros((), "float32")
         else:
+            takes_classes, ignore_class = self._label_check
+            if takes_classes:
+                labels, label_checks = self._checked_labels(
+                    labels, sample_weight, student_logits.shape[-1],
+                    ignore_class,
+                )
+                checks = checks + label_checks
             student_loss = losses_module.weighted_reduce(
                 self._student_losses(labels, student_logits), sample_weight
             )
@@ -576,9 +942,8 @@ class Distiller(keras.Model):
                     "the teacher model and plain labels as `y`."
                 )
             loss = loss + self.feature_distillation.compute_loss(sample_weight)
-        loss = loss * ops.cast(teacher_finite, "float32")
-        loss = loss + ops.stop_gradient(
-            ops.where(teacher_finite, 0.0, float("nan"))
+        loss = self._guarded_loss(
+            loss, teacher_finite, checks + teacher_checks
         )
 
         batch_size = ops.shape(student_logits)[0]
@@ -607,6 +972,16 @@ class Distiller(keras.Model):
                 loss, losses_module.token_count(sample_weight, student_logits)
             )
         return scale_loss_for_distribution(loss)
+
+    def _guarded_loss(self, loss, teacher_finite, checks):
+        """`loss`, or a zero gradient and a NaN value if a check failed.
+
+        A NaN value stops `fit` (see `NonFiniteLossGuard`), which reports
+        the recorded check, else the non-finite teacher.
+        """
+        valid = teacher_finite & ops.logical_not(self._record_checks(checks))
+        loss = loss * ops.cast(valid, "float32")
+        return loss + ops.stop_gradient(ops.where(valid, 0.0, float("nan")))
 
     def _accumulating_optimizer(self):
         """The built optimizer that accumulates gradients, or None."""
@@ -722,6 +1097,7 @@ class Distiller(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, stopping with an error on a non-finite loss."""
         self._check_compiled("fit")
+        self._batch_status.assign(ops.zeros((3,), "int32"))
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(NonFiniteLossGuard())
         else:
@@ -760,9 +1136,11 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
     """Stops `fit` with a clear error at the first non-finite training loss.
 
     The `Distiller` adds it to every `fit`. Its step zeroes the gradient of a
-    batch whose teacher outputs are not finite, so the student keeps finite
-    weights (unchanged under plain SGD; momentum optimizers still apply their
-    running average once).
+    batch whose teacher outputs are not finite, or that fails one of its
+    checks (labels, token ids, teacher probabilities), so the student keeps
+    finite weights (unchanged under plain SGD; momentum optimizers still
+    apply their running average once), and makes the loss NaN. The error
+    names the failed check (`Distiller.batch_error`), else the teacher.
 
     Example:
 
@@ -776,8 +1154,15 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            if self.model is not None:
-                self.model.stop_training = True
+            # `self.model` syncs the JAX state: read it only on failure.
+            model = self.model
+            if model is not None:
+                model.stop_training = True
+                error = (
+                    model.batch_error() if isinstance(model, Distiller) else None
+                )
+                if error is not None:
+                    raise error
             raise FloatingPointError(
                 f"Non-finite distillation loss ({loss}) at epoch "
                 f"{getattr(self, '_epoch', 0) + 1}, batch {batch + 1}; "

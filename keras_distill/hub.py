@@ -18,6 +18,7 @@ from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_distill import callbacks
+from keras_distill import distiller as distiller_module
 from keras_distill import fused
 from keras_distill import losses
 from keras_distill import on_policy as on_policy_module
@@ -26,10 +27,17 @@ from keras_distill.distiller import TEACHER_TOP_INDICES
 from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
 from keras_distill.distiller import Distiller
 from keras_distill.distiller import _is_keras_kl
+from keras_distill.distiller import single_sample_weight
 from keras_distill.distiller import split_targets
 from keras_distill.losses import DistillationLoss
 
 logger = logging.getLogger(__name__)
+
+
+# A finite stand-in for a -inf teacher logit in the fused loss: exp of it
+# (over any temperature above 1e-8) is exactly 0 in float32, and it leaves
+# room for the tiles' subtractions and divisions without overflow.
+_MINUS_INF_STAND_IN = -1e30
 
 
 def _keras_hub():
@@ -220,10 +228,14 @@ class CausalLMDistiller(Distiller):
     at each position is `alpha` times the next-token crossentropy plus
     `1 - alpha` times the `T²`-scaled divergence between the teacher's and
     the student's next-token distributions, averaged over real tokens: those
-    where `sample_weight` is nonzero, or, without `sample_weight`, those the
-    input `padding_mask` marks. KerasHub's causal-LM preprocessors return
-    `(x, labels, sample_weight)` with exactly these weights, and
-    `preprocess` (or `fit` on raw strings) applies the student's.
+    the input `padding_mask` marks, weighted by `sample_weight` (per token,
+    or per sequence; the weights are multiplied by the padding mask, so a
+    per-sequence weight never counts padding). KerasHub's causal-LM
+    preprocessors return `(x, labels, sample_weight)` with exactly these
+    weights, and `preprocess` (or `fit` on raw strings) applies the
+    student's. Padded positions never reach the loss: NaN or inf logits
+    there are ignored. Token ids and labels outside the vocabulary stop
+    `fit` with an error naming them.
 
     Logits are compared as the models really output them, after any
     final-logit soft-cap (Gemma 2) the model applies. Teacher and student must
@@ -433,16 +445,38 @@ class CausalLMDistiller(Distiller):
             )
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
-    def call(self, inputs, training=None):
+    def _step_outputs(self, inputs, training):
         if training and self._generated_batch is not None:
             inputs, _, _ = self._generated_batch.select(inputs)
+        inputs, _ = self._checked_inputs(inputs)
         if self.fused_loss:
             return self.student.backbone(inputs, training=training)
-        return super().call(inputs, training=training)
+        return super()._step_outputs(inputs, training)
 
-    def predict_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.student(x, training=False)
+    def _checked_inputs(self, x):
+        """Token ids outside the vocabulary replaced by 0, and their check.
+
+        Checked in the step: JAX's embedding lookup gives NaN for such an id
+        (then blamed on the teacher), torch and TensorFlow fail deep inside
+        the model.
+        """
+        if not isinstance(x, dict) or "token_ids" not in x:
+            return x, []
+        sizes = [_vocabulary_size(self.student)]
+        if self.teacher is not None:
+            sizes.append(_vocabulary_size(self.teacher))
+        size = min(sizes)
+        # All tensors: Keras refuses inputs that mix them with NumPy arrays.
+        x = {key: ops.convert_to_tensor(value) for key, value in x.items()}
+        token_ids = x["token_ids"]
+        valid = (token_ids >= 0) & (token_ids < size)
+        first_bad = ops.argmax(
+            ops.cast(ops.reshape(ops.logical_not(valid), (-1,)), "int32")
+        )
+        value = ops.take(ops.reshape(token_ids, (-1,)), first_bad)
+        x = dict(x, token_ids=ops.where(valid, token_ids, 0))
+        failed = ops.logical_not(ops.all(valid))
+        return x, [(distiller_module._TOKEN_OUT_OF_RANGE, failed, value, size)]
 
     def _teacher_logits(self, x):
         logits = super()._teacher_logits(x)
@@ -456,8 +490,15 @@ class CausalLMDistiller(Distiller):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        if sample_weight is None and isinstance(x, dict) and "padding_mask" in x:
-            sample_weight = x["padding_mask"]
+        sample_weight = single_sample_weight(sample_weight)
+        if isinstance(x, dict) and "padding_mask" in x:
+            # Padding never counts: a per-example `sample_weight` scales the
+            # real tokens of its sequence (their product), a per-token one
+            # keeps its zeros.
+            mask = ops.cast(x["padding_mask"], "float32")
+            sample_weight = mask if sample_weight is None else (
+                losses.broadcast_weights(sample_weight, mask) * mask
+            )
         if training and self._generated_batch is not None:
             x, y, sample_weight = self._generated_batch.select(
                 x, y, sample_weight
@@ -571,22 +612,36 @@ class CausalLMDistiller(Distiller):
             callbacks=[generator_callback, *(callbacks or [])], **kwargs,
         )
 
-    def _fused_teacher(self, x, teacher_outputs):
-        """The teacher arguments of `fused_distillation_loss`, and finiteness."""
+    def _fused_teacher(self, x, teacher_outputs, real):
+        """The teacher arguments of `fused_distillation_loss`, and finiteness.
+
+        Positions outside `real` (padding) are zeroed before any check or
+        maths, as in the dense loss.
+        """
+
+        def select(tensor):
+            return tensor if real is None else ops.where(real, tensor, 0.0)
+
         if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
-            log_probs = ops.stop_gradient(
+            log_probs = select(ops.stop_gradient(
                 ops.cast(teacher_outputs[TEACHER_TOP_LOG_PROBS], "float32")
-            )
+            ))
             finite = ops.logical_not(ops.any(ops.isnan(log_probs)))
             return {
                 "teacher_top_log_probs": ops.where(finite, log_probs, 0.0),
                 "teacher_top_indices": teacher_outputs[TEACHER_TOP_INDICES],
             }, finite
         if teacher_outputs is not None:
-            logits = ops.stop_gradient(
+            logits = select(ops.stop_gradient(
                 ops.cast(teacher_outputs[TEACHER_LOGITS], "float32")
-            )
-            finite = ops.all(ops.isfinite(logits))
+            ))
+            # A -inf logit rules its class out, as in the dense loss; the
+            # tiled maths gets a finite stand-in whose probability is
+            # exactly 0 too. A row of -inf alone has no distribution.
+            ruled_out = ops.equal(logits, float("-inf"))
+            finite = ops.logical_not(ops.any(ops.all(ruled_out, axis=-1)))
+            logits = ops.where(ruled_out, _MINUS_INF_STAND_IN, logits)
+            finite = finite & ops.all(ops.isfinite(logits))
             return {"teacher_logits": ops.where(finite, logits, 0.0)}, finite
         if self.teacher is None:
             raise ValueError(
@@ -594,9 +649,9 @@ class CausalLMDistiller(Distiller):
                 f"carry the teacher's outputs ('{TEACHER_LOGITS}', or "
                 f"'{TEACHER_TOP_LOG_PROBS}' and '{TEACHER_TOP_INDICES}')."
             )
-        hidden_states = ops.stop_gradient(
+        hidden_states = select(ops.stop_gradient(
             self.teacher.backbone(x, training=False)
-        )
+        ))
         embedding = _output_embedding(self.teacher)
         if self._vocabulary_mapping is not None:
             embedding = ops.take(embedding, self._vocabulary_mapping, axis=0)
@@ -618,7 +673,16 @@ class CausalLMDistiller(Distiller):
                 f"The data has no labels `y` but alpha={self.alpha} weights a "
                 "hard-label loss: pass labels, or compile with alpha=0."
             )
-        teacher, teacher_finite = self._fused_teacher(x, teacher_outputs)
+        x, checks = self._checked_inputs(x)
+        real = losses.real_positions(sample_weight, hidden_states)
+        if real is not None:
+            hidden_states = ops.where(real, hidden_states, 0.0)
+        if labels is not None:
+            labels, label_checks = self._checked_labels(
+                labels, sample_weight, self._vocabulary_size
+            )
+            checks = checks + label_checks
+        teacher, teacher_finite = self._fused_teacher(x, teacher_outputs, real)
         name, divergence_kwargs = self._fused_divergence
         terms = fused.fused_distillation_loss(
             hidden_states,
@@ -637,12 +701,9 @@ class CausalLMDistiller(Distiller):
         loss = terms["loss"]
         for extra_loss in self.losses:
             loss = loss + ops.cast(ops.sum(extra_loss), "float32")
-        # As in `Distiller.compute_loss`: a broken teacher batch gives a zero
-        # gradient and a NaN loss, which stops `fit`.
-        loss = loss * ops.cast(teacher_finite, "float32")
-        loss = loss + ops.stop_gradient(
-            ops.where(teacher_finite, 0.0, float("nan"))
-        )
+        # As in `Distiller.compute_loss`: a broken teacher batch or a failed
+        # check gives a zero gradient and a NaN loss, which stops `fit`.
+        loss = self._guarded_loss(loss, teacher_finite, checks)
         batch_size = ops.shape(hidden_states)[0]
         self.student_loss_tracker.update_state(terms["student_loss"], batch_size)
         self.distillation_loss_tracker.update_state(

@@ -16,6 +16,10 @@ Conventions shared by every divergence:
   the class axis, or one that broadcasts to it. With `reduction="mean"` the
   result is `sum(w * d) / sum(w)`, and `0` (finite, with a finite gradient)
   when every weight is zero.
+- A teacher logit of `-inf` rules its class out (probability 0): it adds
+  nothing to the divergences that weigh `log P` by `P` (forward KL, the JSD,
+  skew KL) or to the total variation; the reverse KL is then infinite, as
+  the student gives every class some mass.
 """
 
 import math
@@ -146,14 +150,7 @@ def weighted_reduce(values, sample_weight=None, reduction="mean"):
         if reduction == "none":
             return values
         return ops.sum(values) if reduction == "sum" else ops.mean(values)
-    weights = ops.cast(sample_weight, "float32")
-    # Per-example weights (batch,) for per-token values (batch, seq), and
-    # Keras's (batch, 1) weights for (batch,) values.
-    while len(weights.shape) < len(values.shape):
-        weights = ops.expand_dims(weights, -1)
-    while len(weights.shape) > len(values.shape) and weights.shape[-1] == 1:
-        weights = ops.squeeze(weights, -1)
-    weights = ops.broadcast_to(weights, ops.shape(values))
+    weights = broadcast_weights(sample_weight, values)
     weighted = weights * values
     if reduction == "none":
         return weighted
@@ -165,6 +162,57 @@ def weighted_reduce(values, sample_weight=None, reduction="mean"):
     # would put 0 * inf into the gradient when every weight is zero.
     safe_sum = ops.where(ops.equal(weight_sum, 0.0), 1.0, weight_sum)
     return total / safe_sum
+
+
+def broadcast_weights(sample_weight, values):
+    """`sample_weight` as float32 weights of the shape of `values`.
+
+    Args:
+        sample_weight: Weights or 0/1 mask: per example `(batch,)` or Keras's
+            `(batch, 1)` for per-token `values`, or of the shape of `values`.
+        values: Per-position values, e.g. `(batch, sequence)`.
+
+    Returns:
+        A float32 tensor shaped like `values`.
+
+    Example:
+
+    >>> weights = broadcast_weights([1.0, 0.0], keras.ops.ones((2, 3)))
+    >>> keras.ops.convert_to_numpy(weights).tolist()
+    [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+    weights = ops.cast(sample_weight, "float32")
+    # Per-example weights (batch,) for per-token values (batch, seq), and
+    # Keras's (batch, 1) weights for (batch,) values.
+    while len(weights.shape) < len(values.shape):
+        weights = ops.expand_dims(weights, -1)
+    while len(weights.shape) > len(values.shape) and weights.shape[-1] == 1:
+        weights = ops.squeeze(weights, -1)
+    return ops.broadcast_to(weights, ops.shape(values))
+
+
+def real_positions(sample_weight, logits):
+    """Where `sample_weight` counts, as a mask that selects rows of `logits`.
+
+    Args:
+        sample_weight: Optional weights or 0/1 padding mask broadcastable to
+            `logits.shape[:-1]`.
+        logits: The logits, `(..., classes)`.
+
+    Returns:
+        None without `sample_weight`; else a bool tensor of shape
+        `logits.shape[:-1] + (1,)`, True where the weight is nonzero.
+
+    Example:
+
+    >>> mask = real_positions([[1, 0]], keras.ops.ones((1, 2, 5)))
+    >>> keras.ops.convert_to_numpy(mask)[..., 0].tolist()
+    [[True, False]]
+    """
+    if sample_weight is None:
+        return None
+    weights = broadcast_weights(sample_weight, logits[..., 0])
+    return ops.expand_dims(ops.not_equal(weights, 0.0), -1)
 
 
 def token_count(sample_weight, logits):
@@ -189,8 +237,15 @@ def token_count(sample_weight, logits):
 
 
 def _kl(log_p, log_q):
-    """KL(P || Q) over the last axis from log-probabilities."""
-    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
+    """KL(P || Q) over the last axis from log-probabilities.
+
+    A class that P rules out (log p = -inf, e.g. a teacher logit of -inf that
+    masks it) adds p·(log p − log q) = 0, not 0·(−inf) = NaN: its log p is
+    replaced before the product, so no NaN reaches the value or a gradient.
+    """
+    p = ops.exp(log_p)
+    log_p = ops.where(ops.equal(p, 0.0), 0.0, log_p)
+    return ops.sum(p * (log_p - log_q), axis=-1)
 
 
 def forward_kl(

@@ -110,14 +110,18 @@ def test_missing_example_is_a_one_line_error(monkeypatch, tmp_path, capsys):
 
 def test_example_commands_forward_the_options(monkeypatch, tmp_path, capsys):
     calls = []
+
+    def main(argv):
+        calls.append(argv)
+        (tmp_path / "results.json").write_text("{}")
+
     stub = types.SimpleNamespace(
         parse_args=lambda argv: types.SimpleNamespace(
             output_dir=str(tmp_path), epochs=None, seeds=[0, 1, 2]
         ),
-        main=calls.append,
+        main=main,
     )
     monkeypatch.setattr(cli, "load_example", lambda name: stub)
-    (tmp_path / "results.json").write_text("{}")
     (tmp_path / "curves.png").write_bytes(b"")
     status = cli.main([
         "sentiment", "--epochs", "3", "--seeds", "4", "5", "--quick",
@@ -270,3 +274,115 @@ def test_backend_option_runs_the_example_on_that_backend(tmp_path):
     for name in ("softened_distributions.png", "learning_curves.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "Wrote " in completed.stdout
+
+
+# ---- what slipped through (issue 14) ----
+
+
+def _stub_example(monkeypatch, output_dir, **options):
+    """An example that records its runs and writes results.json."""
+    runs = []
+
+    def main(argv):
+        runs.append(argv)
+        (Path(output_dir) / "results.json").write_text('{"run": "new"}')
+
+    namespace = dict(output_dir=str(output_dir), epochs=None, seeds=[0])
+    namespace.update(options)
+    stub = types.SimpleNamespace(
+        parse_args=lambda argv: types.SimpleNamespace(**namespace), main=main
+    )
+    monkeypatch.setattr(cli, "load_example", lambda name: stub)
+    return runs
+
+
+@pytest.mark.parametrize("command", ["mnist", "cache"])
+@pytest.mark.parametrize("problem", ["file", "under a file", "read-only"])
+def test_unwritable_output_dir_fails_before_any_work(
+    command, problem, monkeypatch, tmp_path, capsys
+):
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    output_dir = {"file": blocker, "under a file": blocker / "out",
+                  "read-only": tmp_path}[problem]
+    if problem == "read-only":
+        # Root may write anywhere: the permission itself is simulated.
+        monkeypatch.setattr(cli.os, "access", lambda path, mode: False)
+    runs = _stub_example(monkeypatch, output_dir)
+    teacher = tmp_path / "teacher.keras"
+    teacher.write_bytes(b"")
+    argv = ["mnist", "--output-dir", str(output_dir)] if command == "mnist" else [
+        "cache", "--teacher", str(teacher), "--output-dir", str(output_dir)
+    ]
+    assert cli.main(argv) == 2
+    _one_line_error(capsys, "--output-dir", "is a file" if problem != (
+        "read-only") else "not writable")
+    assert runs == []
+
+
+def test_zero_batch_size_is_refused_not_replaced(monkeypatch, tmp_path, capsys):
+    runs = _stub_example(monkeypatch, tmp_path, batch_size=0)
+    assert cli.main(["mnist", "--batch-size", "0"]) == 2
+    _one_line_error(capsys, "--batch-size must be at least 1, got 0")
+    assert runs == []
+    assert cli.main(["cache", "--teacher", "t.keras", "--batch-size", "0"]) == 2
+    _one_line_error(capsys, "--batch-size", "at least 1")
+
+
+def test_stale_results_are_set_aside_before_a_new_run(monkeypatch, tmp_path):
+    (tmp_path / "results.json").write_text('{"run": "old"}')
+
+    def interrupted(argv):
+        (tmp_path / "student.keras").write_bytes(b"new model")
+        raise KeyboardInterrupt
+
+    _stub_example(monkeypatch, tmp_path)
+    cli.load_example("mnist").main = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["mnist", "--output-dir", str(tmp_path)])
+    # No results.json next to the new model; the old one is marked stale.
+    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / cli.STALE_RESULTS).read_text()) == {
+        "run": "old"
+    }
+
+
+def _saved_teacher(tmp_path, input_shape=(28, 28, 1)):
+    keras.utils.set_random_seed(0)
+    teacher = keras.Sequential(
+        [keras.Input(input_shape), keras.layers.Flatten(),
+         keras.layers.Dense(10)]
+    )
+    path = tmp_path / "teacher.keras"
+    teacher.save(path)
+    return path
+
+
+def test_corrupt_teacher_is_not_reported_as_missing(tmp_path, capsys):
+    path = tmp_path / "teacher.keras"
+    path.write_bytes(b"not a zip file")
+    assert cli.main([
+        "cache", "--teacher", str(path), "--output-dir", str(tmp_path / "c"),
+    ]) == 2
+    line = _one_line_error(capsys, "cannot be loaded as a Keras model",
+                           "model.save")
+    assert "File not found" not in line.split("(")[0]
+
+
+def test_compact_format_without_top_k_names_the_fix(tmp_path, capsys):
+    path = _saved_teacher(tmp_path)
+    assert cli.main([
+        "cache", "--teacher", str(path), "--format", "compact",
+        "--output-dir", str(tmp_path / "c"),
+    ]) == 2
+    _one_line_error(capsys, "--format compact", "--top-k")
+
+
+def test_teacher_of_another_input_shape_is_one_line(tmp_path, capsys):
+    path = _saved_teacher(tmp_path, input_shape=(32, 32, 3))
+    assert cli.main([
+        "cache", "--teacher", str(path), "--output-dir", str(tmp_path / "c"),
+        "--data-dir", str(DATA_DIR),
+    ]) == 2
+    _one_line_error(capsys, "does not take MNIST images of shape (batch, 28, 28, 1)",
+                    "(it takes (batch, 32, 32, 3))")

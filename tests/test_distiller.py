@@ -669,3 +669,204 @@ def test_top_k_targets_refuse_a_divergence_other_than_forward_kl():
     }
     with pytest.raises(ValueError, match="forward KL only"):
         distiller.evaluate(x, targets, batch_size=64, verbose=0)
+
+
+# ---- what slipped through (issue 14) ----
+
+
+def _feature_distiller():
+    from keras_distill.features import FeatureDistillation
+
+    def mlp(name, seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((NUM_FEATURES,))
+        hidden = keras.layers.Dense(8, "tanh", name=f"{name}_hidden")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden))
+
+    return Distiller(
+        mlp("student", 2),
+        mlp("teacher", 1),
+        feature_distillation=FeatureDistillation(
+            pairs=[("student_hidden", "teacher_hidden")]
+        ),
+    )
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_predict_returns_the_student_logits_and_the_model_stays_usable(
+    features,
+):
+    x, y = make_data(16)
+    distiller = _feature_distiller() if features else Distiller(
+        student=make_student(), teacher=make_teacher()
+    )
+    distiller.compile(
+        optimizer="sgd", student_loss_fn="sparse_categorical_crossentropy"
+    )
+    distiller.fit(x, y, batch_size=8, verbose=0)
+    expected = ops.convert_to_numpy(distiller.student(x))
+    np.testing.assert_allclose(
+        distiller.predict(x, batch_size=8, verbose=0), expected, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        distiller.predict_on_batch(x), expected, atol=1e-5
+    )
+    # Training, evaluation and the student itself still work afterwards.
+    distiller.fit(x, y, batch_size=8, verbose=0)
+    assert math.isfinite(distiller.evaluate(x, y, verbose=0)[0])
+    assert distiller.student(x).shape == (16, NUM_CLASSES)
+
+
+def test_keras_crossentropy_functions_are_applied_to_logits():
+    x, y = make_data()
+    by_name = compiled_distiller(alpha=0.5)
+    hard, _ = reference_losses(by_name, x, y)
+    for loss in (
+        keras.losses.sparse_categorical_crossentropy,
+        "sparse_categorical_crossentropy",
+    ):
+        distiller = Distiller(student=make_student(), teacher=make_teacher())
+        distiller.compile(student_loss_fn=loss, alpha=0.5)
+        results = distiller.evaluate(x, y, batch_size=64, return_dict=True,
+                                     verbose=0)
+        assert results["student_loss"] == pytest.approx(hard, rel=1e-5)
+
+    def probabilities_loss(y_true, y_pred, from_logits=False):
+        return keras.losses.sparse_categorical_crossentropy(
+            y_true, y_pred, from_logits=from_logits
+        )
+
+    with pytest.raises(ValueError, match="functools.partial"):
+        by_name.compile(student_loss_fn=probabilities_loss)
+
+
+def _softmax_teacher(kind):
+    keras.utils.set_random_seed(1)
+    if kind == "activation":
+        return keras.Sequential([
+            keras.Input((NUM_FEATURES,)),
+            keras.layers.Dense(NUM_CLASSES, activation="softmax"),
+        ])
+    return keras.Sequential([
+        keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES),
+        keras.layers.Softmax(),
+    ])
+
+
+@pytest.mark.parametrize(
+    "kind, fix", [("activation", ".activation = keras.activations.linear"),
+                  ("layer", ".input)")]
+)
+def test_teacher_returning_probabilities_is_refused(kind, fix):
+    with pytest.raises(ValueError, match="returns probabilities") as raised:
+        Distiller(student=make_student(), teacher=_softmax_teacher(kind))
+    assert fix in str(raised.value)
+
+
+def test_probabilities_as_teacher_logits_stop_fit():
+    x, y = make_data(16)
+    distiller = compiled_distiller(teacher=None)
+    teacher_logits = ops.convert_to_numpy(ops.softmax(make_teacher()(x)))
+    before = distiller.student.get_weights()
+    with pytest.raises(ValueError, match="teacher's outputs are probabilities"):
+        distiller.fit(x, {"labels": y, "teacher_logits": teacher_logits},
+                      batch_size=8, verbose=0)
+    for initial, now in zip(before, distiller.student.get_weights()):
+        assert np.all(np.isfinite(now))
+
+
+@pytest.mark.parametrize("label", [NUM_CLASSES + 2, -1])
+def test_out_of_range_labels_stop_fit_naming_label_and_classes(label):
+    x, y = make_data(16)
+    y[3] = label
+    distiller = compiled_distiller(optimizer=keras.optimizers.SGD(0.1))
+    before = distiller.student.get_weights()
+    with pytest.raises(
+        ValueError, match=rf"Label {label} is outside .* {NUM_CLASSES} classes"
+    ):
+        distiller.fit(x, y, batch_size=16, verbose=0)
+    # A zero gradient: under plain SGD the student did not move.
+    for initial, now in zip(before, distiller.student.get_weights()):
+        np.testing.assert_array_equal(now, initial)
+    # Zero-weight examples may carry any label (e.g. -100 for padding).
+    y[3] = -100
+    weights = np.ones(16, "float32")
+    weights[3] = 0.0
+    history = distiller.fit(x, y, sample_weight=weights, batch_size=16,
+                            verbose=0)
+    assert math.isfinite(history.history["loss"][0])
+
+
+def test_teacher_set_trainable_again_is_not_moved_by_weight_decay():
+    x, y = make_data(16)
+    teacher = make_teacher()
+    distiller = compiled_distiller(
+        teacher=teacher,
+        optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.5),
+    )
+    teacher.trainable = True
+    before = teacher.get_weights()
+    distiller.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    for initial, now in zip(before, teacher.get_weights()):
+        np.testing.assert_array_equal(now, initial)
+    assert not {id(v) for v in teacher.weights} & {
+        id(v) for v in distiller.trainable_variables
+    }
+
+
+def test_minus_inf_class_logits_rule_the_class_out():
+    x, y = make_data(16)
+    teacher_logits = ops.convert_to_numpy(make_teacher()(x))
+    masked = teacher_logits.copy()
+    masked[:, 0] = -np.inf
+    distiller = compiled_distiller(teacher=None, alpha=0.0, temperature=1.0)
+    student_logits = ops.convert_to_numpy(distiller.student(x))
+    value = float(ops.convert_to_numpy(distiller.compute_loss(
+        x, {"labels": y, "teacher_logits": masked},
+        ops.convert_to_tensor(student_logits), training=False,
+    )))
+    # The KL to a teacher that gives class 0 no mass, from the finite logits.
+    log_p = np_log_softmax(teacher_logits[:, 1:], 1.0)
+    log_q = np_log_softmax(student_logits, 1.0)[:, 1:]
+    expected = (np.exp(log_p) * (log_p - log_q)).sum(-1).mean()
+    assert value == pytest.approx(expected, rel=1e-5)
+    history = distiller.fit(
+        x, {"labels": y, "teacher_logits": masked}, batch_size=8, verbose=0
+    )
+    assert math.isfinite(history.history["loss"][0])
+    # The reverse KL to a ruled-out class is infinite: refused, no update.
+    reverse = compiled_distiller(
+        teacher=None, alpha=0.0, distillation_loss_fn="reverse_kl",
+        optimizer=keras.optimizers.SGD(0.1),
+    )
+    before = reverse.student.get_weights()
+    with pytest.raises(FloatingPointError):
+        reverse.fit(x, {"labels": y, "teacher_logits": masked}, verbose=0)
+    for initial, now in zip(before, reverse.student.get_weights()):
+        np.testing.assert_array_equal(now, initial)
+
+
+def test_zero_weight_positions_with_nan_teacher_logits_do_not_count():
+    x, y = make_data(16)
+    teacher_logits = ops.convert_to_numpy(make_teacher()(x))
+    weights = np.ones(16, "float32")
+    weights[[2, 9]] = 0.0
+    poisoned = teacher_logits.copy()
+    poisoned[2] = np.nan
+    poisoned[9, 1] = -np.inf
+    poisoned[9, 3] = np.inf
+    distiller = compiled_distiller(teacher=None)
+    student_logits = distiller.student(x)
+
+    def loss(targets):
+        return float(ops.convert_to_numpy(distiller.compute_loss(
+            x, {"labels": y, "teacher_logits": targets}, student_logits,
+            sample_weight=weights, training=False,
+        )))
+
+    assert loss(poisoned) == pytest.approx(loss(teacher_logits), rel=1e-6)
+    before = distiller.student.get_weights()
+    distiller.fit(x, {"labels": y, "teacher_logits": poisoned},
+                  sample_weight=weights, batch_size=16, verbose=0)
+    for initial, now in zip(before, distiller.student.get_weights()):
+        assert np.all(np.isfinite(now)) and not np.array_equal(now, initial)

@@ -377,3 +377,108 @@ def test_fused_loss_refuses_metrics_and_unknown_divergences(models):
             student_loss_fn="sparse_categorical_crossentropy",
             distillation_loss_fn=keras.losses.MeanSquaredError(),
         )
+
+
+# ---- what slipped through (issue 14) ----
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_predict_returns_student_logits_and_the_model_stays_usable(
+    tokenizer, models, batch, fused_loss
+):
+    x, labels, sample_weight = batch
+    student = _gemma(tokenizer, 16, seed=3)
+    distiller = _compile(hub.CausalLMDistiller(
+        student=student, teacher=models[1], fused_loss=fused_loss
+    ))
+    distiller.fit(x, labels, sample_weight=sample_weight, verbose=0)
+    expected = keras.ops.convert_to_numpy(student(x))
+    np.testing.assert_allclose(
+        distiller.predict(x, batch_size=4, verbose=0), expected, atol=1e-5
+    )
+    np.testing.assert_allclose(distiller.predict_on_batch(x), expected, atol=1e-5)
+    assert np.isfinite(distiller.evaluate(x, labels, verbose=0)[0])
+    distiller.fit(x, labels, sample_weight=sample_weight, verbose=0)
+    assert student(x).shape == (4, SEQUENCE_LENGTH, VOCABULARY_SIZE)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+@pytest.mark.parametrize("where", ["labels", "token_ids"])
+def test_ids_outside_the_vocabulary_stop_fit_naming_them(
+    tokenizer, models, batch, fused_loss, where
+):
+    x, labels, sample_weight = batch
+    x, labels = dict(x), labels.copy()
+    bad_id = VOCABULARY_SIZE + 7
+    if where == "labels":
+        labels[1, 0] = bad_id
+        message = rf"Label {bad_id} is outside .* {VOCABULARY_SIZE} classes"
+    else:
+        x["token_ids"] = x["token_ids"].copy()
+        x["token_ids"][1, 0] = bad_id
+        message = rf"Token id {bad_id} .* {VOCABULARY_SIZE} tokens"
+    student = _gemma(tokenizer, 16, seed=4)
+    distiller = _compile(hub.CausalLMDistiller(
+        student=student, teacher=models[1], fused_loss=fused_loss
+    ))
+    before = student.get_weights()
+    with pytest.raises(ValueError, match=message):
+        distiller.fit(x, labels, sample_weight=sample_weight, verbose=0)
+    for initial, now in zip(before, student.get_weights()):
+        np.testing.assert_array_equal(now, initial)
+
+
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_non_finite_teacher_logits_at_padding_and_minus_inf_classes(
+    models, batch, fused_loss
+):
+    student, teacher = models
+    x, labels, sample_weight = batch
+    distiller = _compile(hub.CausalLMDistiller(
+        student=student, teacher=None, fused_loss=fused_loss
+    ))
+    teacher_logits = keras.ops.convert_to_numpy(teacher(x))
+    # A token the teacher rules out everywhere: -inf, probability 0.
+    teacher_logits[..., 5] = -np.inf
+    padded = ~x["padding_mask"]
+    assert padded.any()
+    poisoned = teacher_logits.copy()
+    poisoned[padded] = np.nan
+    poisoned[padded, 0] = np.inf
+
+    def loss(logits):
+        y = {"labels": labels, "teacher_logits": logits}
+        return float(keras.ops.convert_to_numpy(
+            distiller.compute_loss(x, y, distiller(x))
+        ))
+
+    finite = teacher_logits.copy()
+    finite[..., 5] = -1e4  # the same distribution, nearly
+    assert np.isfinite(loss(poisoned))
+    np.testing.assert_allclose(loss(poisoned), loss(finite), rtol=1e-5)
+    fresh = hub.CausalLMDistiller(student=_gemma(
+        student.preprocessor.tokenizer, 16, seed=5), teacher=None,
+        fused_loss=fused_loss)
+    history = _compile(fresh).fit(
+        x, {"labels": labels, "teacher_logits": poisoned}, verbose=0
+    )
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_per_sequence_sample_weight_keeps_the_padding_mask(models, batch):
+    student, teacher = models
+    x, labels, _ = batch
+    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    per_sequence = np.array([1.0, 2.0, 0.5, 1.0], "float32")
+    mask = x["padding_mask"].astype("float32")
+    expected = _reference_loss(
+        keras.ops.convert_to_numpy(teacher(x)),
+        keras.ops.convert_to_numpy(student(x)),
+        labels,
+        per_sequence[:, None] * mask,
+        alpha=0.5,
+        temperature=2.0,
+    )
+    np.testing.assert_allclose(
+        _loss(distiller, x, labels, per_sequence), expected, rtol=1e-5
+    )

@@ -489,7 +489,12 @@ def test_non_finite_teacher_outputs_never_reach_the_student(bad_value, source):
         distiller = make_distiller(keras.optimizers.SGD(0.1), teacher=teacher)
         data = (x, y)
     else:
-        teacher_logits[5, 1] = bad_value  # one value in the first batch
+        # One value in the first batch; -inf only rules a class out, so a
+        # whole row of it (no distribution at all) is the broken case.
+        if bad_value == -math.inf:
+            teacher_logits[5] = bad_value
+        else:
+            teacher_logits[5, 1] = bad_value
         distiller = make_distiller(keras.optimizers.SGD(0.1), teacher=None)
         data = (x, {"labels": y, "teacher_logits": teacher_logits})
     before = distiller.student.get_weights()
