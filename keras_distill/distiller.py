@@ -338,8 +338,9 @@ class Distiller(keras.Model):
     outputs that are probabilities (rows summing to 1, no value above 1).
 
     Positions whose `sample_weight` is 0 (padding) never reach the loss:
-    their logits are replaced before any maths, so NaN or inf there does not
-    matter, and a teacher logit of `-inf` elsewhere rules its class out. A
+    the teacher's logits there are replaced before any maths, so NaN or inf
+    there does not matter, and a teacher logit of `-inf` elsewhere rules its
+    class out. A
     label outside the student's classes (for
     `SparseCategoricalCrossentropy`), like a NaN teacher, gives that step a
     zero gradient and stops `fit` with an error naming it.
@@ -679,7 +680,12 @@ class Distiller(keras.Model):
         """`(divergence, teacher_finite, checks)` of dense teacher logits.
 
         `real` (see `losses.real_positions`) selects the positions that
-        count; `student_logits` are already zero elsewhere.
+        count. Elsewhere the teacher's logits are replaced by zeros before
+        any maths: NaN or inf there (some attention kernels give them to
+        fully masked rows) would survive a multiplication by a zero weight,
+        in the value and the gradient. The student's own logits are used as
+        they are, weighted 0 there (selecting them too doubled the cost of
+        a loss-bound step on JAX).
         """
         if not hasattr(teacher_logits, "shape"):
             raise TypeError(
@@ -864,7 +870,7 @@ class Distiller(keras.Model):
         optimizer's `gradient_accumulation_steps`, the gradient is normalized
         by the weights of the whole accumulated batch instead (see
         `_normalize_over_accumulation`); the value stays this batch's loss.
-        Zero-weight positions are replaced before any maths. If the
+        Zero-weight teacher positions are replaced before any maths. If the
         teacher's outputs are not finite, or a check fails (a label outside
         the classes, a token id outside the vocabulary, teacher outputs that
         are probabilities; two row reductions over the teacher logits and
@@ -881,12 +887,9 @@ class Distiller(keras.Model):
         x, checks = self._checked_inputs(x)
         sample_weight = single_sample_weight(sample_weight)
         student_logits = ops.cast(y_pred, "float32")
+        # Where the weight is zero (padding), the teacher's logits are
+        # replaced before any maths (see `_dense_distillation_loss`).
         real = losses_module.real_positions(sample_weight, student_logits)
-        if real is not None:
-            # Padding never reaches the loss, not even its gradient: NaN or
-            # inf there (some attention kernels give them to fully masked
-            # rows) would survive a multiplication by a zero weight.
-            student_logits = ops.where(real, student_logits, 0.0)
         if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
             distillation_loss, teacher_finite, teacher_checks = (
                 self._sparse_distillation_loss(

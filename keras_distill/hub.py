@@ -675,8 +675,6 @@ class CausalLMDistiller(Distiller):
             )
         x, checks = self._checked_inputs(x)
         real = losses.real_positions(sample_weight, hidden_states)
-        if real is not None:
-            hidden_states = ops.where(real, hidden_states, 0.0)
         if labels is not None:
             labels, label_checks = self._checked_labels(
                 labels, sample_weight, self._vocabulary_size
