@@ -187,16 +187,16 @@ def shared_vocabulary(student, teacher, vocabulary_mapping=None):
     return size, None
 
 
-def _output_embedding(causal_lm):
-    """The `(vocabulary_size, hidden_dim)` matrix that maps hidden states to logits."""
-    token_embedding = causal_lm.backbone.token_embedding
+def _output_embedding(backbone):
+    """The `(vocabulary_size, hidden_dim)` matrix that maps a backbone's hidden states to logits."""
+    token_embedding = backbone.token_embedding
     if getattr(token_embedding, "tie_weights", True):
         return token_embedding.embeddings
     return ops.transpose(token_embedding.reverse_embeddings)
 
 
-def _soft_cap(causal_lm):
-    return getattr(causal_lm.backbone.token_embedding, "logit_soft_cap", None)
+def _soft_cap(backbone):
+    return getattr(backbone.token_embedding, "logit_soft_cap", None)
 
 
 def _fused_divergence(loss):
@@ -652,7 +652,7 @@ class CausalLMDistiller(Distiller):
         hidden_states = select(ops.stop_gradient(
             self.teacher.backbone(x, training=False)
         ))
-        embedding = _output_embedding(self.teacher)
+        embedding = _output_embedding(self.teacher.backbone)
         if self._vocabulary_mapping is not None:
             embedding = ops.take(embedding, self._vocabulary_mapping, axis=0)
         else:
@@ -661,7 +661,7 @@ class CausalLMDistiller(Distiller):
         return {
             "teacher_hidden_states": ops.where(finite, hidden_states, 0.0),
             "teacher_embedding": ops.stop_gradient(embedding),
-            "teacher_soft_cap": _soft_cap(self.teacher),
+            "teacher_soft_cap": _soft_cap(self.teacher.backbone),
         }, finite
 
     def _compute_fused_loss(
@@ -684,12 +684,12 @@ class CausalLMDistiller(Distiller):
         name, divergence_kwargs = self._fused_divergence
         terms = fused.fused_distillation_loss(
             hidden_states,
-            _output_embedding(self.student)[: self._vocabulary_size],
+            _output_embedding(self.student.backbone)[: self._vocabulary_size],
             labels=labels,
             temperature=self.temperature,
             alpha=self.alpha,
             sample_weight=sample_weight,
-            soft_cap=_soft_cap(self.student),
+            soft_cap=_soft_cap(self.student.backbone),
             divergence=name,
             chunk_size=self.chunk_size,
             vocabulary_chunk_size=self.vocabulary_chunk_size,

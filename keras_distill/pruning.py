@@ -264,8 +264,9 @@ class VocabularySubsetTeacher(keras.Model):
     covers it.
 
     Args:
-        causal_lm: The teacher `keras_hub.models.CausalLM` (its backbone must
-            return hidden states; its token embedding maps them to logits).
+        causal_lm: The teacher `keras_hub.models.CausalLM`, or its backbone
+            (which returns hidden states; its token embedding maps them to
+            logits). Only the backbone is kept.
         vocabulary_mapping: 1-D integer array, the teacher id of each student
             token.
         **kwargs: `keras.Model` arguments such as `name`.
@@ -280,8 +281,9 @@ class VocabularySubsetTeacher(keras.Model):
     >>> lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     >>> teacher = VocabularySubsetTeacher(lm, [0, 1, 2, 3, 11, 17])
     >>> x = {"token_ids": np.array([[2, 4, 5]]), "padding_mask": np.ones((1, 3))}
-    >>> full = lm(dict(x, token_ids=np.array([[2, 11, 17]])))
-    >>> np.allclose(teacher(x), np.take(full, [0, 1, 2, 3, 11, 17], axis=-1), atol=1e-5)
+    >>> full = ops.convert_to_numpy(lm(dict(x, token_ids=np.array([[2, 11, 17]]))))
+    >>> subset = ops.convert_to_numpy(teacher(x))
+    >>> np.allclose(subset, full[..., [0, 1, 2, 3, 11, 17]], atol=1e-5)
     True
     """
 
@@ -289,15 +291,19 @@ class VocabularySubsetTeacher(keras.Model):
         super().__init__(**kwargs)
         if isinstance(causal_lm, dict):
             causal_lm = keras.saving.deserialize_keras_object(causal_lm)
-        if not isinstance(causal_lm, _keras_hub().models.CausalLM):
+        keras_hub = _keras_hub()
+        if isinstance(causal_lm, keras_hub.models.CausalLM):
+            causal_lm = causal_lm.backbone
+        if not isinstance(causal_lm, keras_hub.models.Backbone):
             raise TypeError(
-                "`causal_lm` must be a keras_hub.models.CausalLM, got "
-                f"{type(causal_lm).__name__}."
+                "`causal_lm` must be a keras_hub.models.CausalLM (or its "
+                f"backbone), got {type(causal_lm).__name__}."
             )
-        mapping = _check_mapping(
-            vocabulary_mapping, causal_lm.backbone.token_embedding.input_dim
-        )
-        self.causal_lm = causal_lm
+        mapping = _check_mapping(vocabulary_mapping, causal_lm.token_embedding.input_dim)
+        # The backbone alone: a task's preprocessor is a layer that is never
+        # built, and Keras's `predict_on_batch` then runs the whole model
+        # eagerly before each compiled call.
+        self.backbone = causal_lm
         self.vocabulary_mapping = self.add_weight(
             shape=mapping.shape,
             dtype="int32",
@@ -311,15 +317,15 @@ class VocabularySubsetTeacher(keras.Model):
         from keras_distill.hub import _soft_cap
 
         mapping = ops.convert_to_tensor(self.vocabulary_mapping)
-        hidden = self.causal_lm.backbone(
+        hidden = self.backbone(
             {
                 "token_ids": ops.take(mapping, inputs["token_ids"]),
                 "padding_mask": inputs["padding_mask"],
             }
         )
-        embedding = ops.take(_output_embedding(self.causal_lm), mapping, axis=0)
+        embedding = ops.take(_output_embedding(self.backbone), mapping, axis=0)
         logits = ops.matmul(hidden, ops.transpose(ops.cast(embedding, hidden.dtype)))
-        soft_cap = _soft_cap(self.causal_lm)
+        soft_cap = _soft_cap(self.backbone)
         if soft_cap is not None:
             logits = ops.tanh(logits / soft_cap) * soft_cap
         return logits
@@ -328,7 +334,7 @@ class VocabularySubsetTeacher(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "causal_lm": keras.saving.serialize_keras_object(self.causal_lm),
+                "causal_lm": keras.saving.serialize_keras_object(self.backbone),
                 "vocabulary_mapping": ops.convert_to_numpy(
                     self.vocabulary_mapping
                 ).tolist(),

@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+from keras_distill import hub
 from keras_distill import pruning
 from keras_distill.cache import teacher_fingerprint
+from tests.conftest import DATA_DIR
 from tests.conftest import tiny_gemma3
 
 keras_hub = pytest.importorskip("keras_hub")
@@ -122,10 +124,21 @@ def test_bert_backbone_keeps_evenly_spread_blocks():
             np.testing.assert_array_equal(mine, theirs)
 
 
+@pytest.mark.skipif(
+    not (DATA_DIR / "tinyshakespeare.txt").is_file(),
+    reason=f"needs Tiny Shakespeare in {DATA_DIR} (the shared data folder)",
+)
 def test_vocabulary_subset_teacher_logits_config_and_fingerprint():
-    lm = _gemma_with_global_blocks(num_layers=2)
+    lines = (DATA_DIR / "tinyshakespeare.txt").read_text().splitlines()[:2000]
+    tokenizer = hub.train_gemma3_tokenizer([line for line in lines if line], 300)
+    # A task with its preprocessor attached, as loaders return it.
+    lm = tiny_gemma3(
+        300, 16, num_layers=2,
+        preprocessor=keras_hub.models.Gemma3CausalLMPreprocessor(tokenizer=tokenizer),
+    )
     mapping = np.array([0, 1, 2, 3, 7, 19, 39], "int32")
     teacher = pruning.VocabularySubsetTeacher(lm, mapping)
+    teacher.predict_on_batch(_inputs(np.array([[2, 4, 6, 5, 4]])))
     student_ids = np.array([[2, 4, 6, 5, 4]])
     full = keras.ops.convert_to_numpy(lm(_inputs(mapping[student_ids])))
     np.testing.assert_allclose(
@@ -140,6 +153,9 @@ def test_vocabulary_subset_teacher_logits_config_and_fingerprint():
         full[..., mapping],
         atol=1e-5,
     )
+    # Only the backbone is kept: an attached preprocessor (never built)
+    # would make Keras run the model eagerly before each compiled call.
+    assert all(layer.built for layer in teacher._flatten_layers())
     # The mapping is part of the teacher's identity for the cache.
     other = pruning.VocabularySubsetTeacher(lm, np.array([0, 1, 2, 3, 7, 19, 38], "int32"))
     assert teacher_fingerprint(teacher) != teacher_fingerprint(other)
