@@ -33,7 +33,6 @@ one epoch; one to three minutes, mostly compilation).
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import numpy as np
 from keras import layers
 
 from keras_distill import Distiller
+from keras_distill import reporting
 from keras_distill.cli import load_example
 from keras_distill.datasets import load_mnist
 from keras_distill.features import FeatureDistillation
@@ -358,7 +358,7 @@ def run(args):
                 row.pop("distiller")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     return results
 
 

@@ -39,7 +39,6 @@ text with the teacher's tokenizer, where the weights are reachable.
 """
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from keras_distill import datasets
 from keras_distill import hub
 from keras_distill import losses
 from keras_distill import on_policy
+from keras_distill import reporting
 from keras_distill import sparse
 
 PROMPTS = ("ROMEO:", "First Citizen:\nWe are", "KING RICHARD III:\nNow")
@@ -316,7 +316,7 @@ def run(args):
     print(format_table(results))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     print(f"wrote {output_dir / 'results.json'}")
     return results
 

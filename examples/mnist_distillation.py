@@ -69,7 +69,6 @@ smoke test (about 20 seconds).
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -717,7 +716,7 @@ def run(args):
         ],
         "wall_seconds": time.perf_counter() - start,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     plot_softened_distributions(
         teacher, x_test[0], int(y_test[0]),
         output_dir / "softened_distributions.png",

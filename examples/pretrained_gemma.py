@@ -37,7 +37,6 @@ Reported: held-out perplexity, bits per character, top-1 agreement with the
 teacher, greedy samples, cache bytes per token, build and training times.
 """
 
-import json
 import math
 import time
 from pathlib import Path
@@ -45,12 +44,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_distill import TeacherOutputCache
 from keras_distill import datasets
 from keras_distill import gguf
 from keras_distill import hub
 from keras_distill import on_policy
 from keras_distill import pruning
+from keras_distill import reporting
+from keras_distill import TeacherOutputCache
 
 PRESET_NAMES = {"gemma3-270m": "gemma3_270m", "gemma3_270m": "gemma3_270m"}
 PROMPTS = ("ROMEO:\n", "First Citizen:\nWe are", "The king")
@@ -343,7 +343,7 @@ def run(args):
     print(format_table(results))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     print(f"wrote {output_dir / 'results.json'}")
     return results
 

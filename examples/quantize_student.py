@@ -24,13 +24,13 @@ Run `python examples/quantize_student.py` (a few minutes on 2 CPU cores) or
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from keras_distill import Distiller
+from keras_distill import reporting
 from keras_distill.cli import load_example
 from keras_distill.datasets import load_mnist
 from keras_distill.quantize import QUANTIZATION_MODES
@@ -234,7 +234,7 @@ def run(args):
         "comparison": rows,
         "quantization_aware": qad_rows,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     return results
 
 

@@ -6,7 +6,41 @@ implementation of each. Plotting needs matplotlib (the `examples` extra),
 imported on first use.
 """
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
+
+
+def write_results(results, output_dir):
+    """Writes `results` as `output_dir/results.json`, atomically.
+
+    The JSON goes to a temporary file in the same folder, then replaces
+    `results.json` in one rename, so an interrupted run never leaves a half
+    written or a stale-looking new file: either the old one or the new one.
+
+    Args:
+        results: A JSON-serializable dict.
+        output_dir: The folder (created if needed).
+
+    Returns:
+        The path of `results.json`.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = write_results({"accuracy": 0.9}, tempfile.mkdtemp())
+    >>> json.loads(path.read_text())
+    {'accuracy': 0.9}
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "results.json"
+    temporary = output_dir / f".results.json.{os.getpid()}.tmp"
+    temporary.write_text(json.dumps(results, indent=2))
+    os.replace(temporary, path)
+    return path
 
 
 def mean_std(values):

@@ -7,7 +7,6 @@ with a tokenizer trained on Tiny Shakespeare (read from ../shared/data).
 
 import math
 
-import keras
 import numpy as np
 import pytest
 
