@@ -593,8 +593,10 @@ def parse_args(argv=None):
     args.teacher_size = (128, 4, 4)
     args.student_size = (64, 1, 2)
     if args.quick and pretrained:
-        args.train_tokens, args.heldout_tokens = 16 * 64, 4 * 64
-        args.sequence_length, args.student_layers, args.top_k = 64, 2, 64
+        args.sequence_length = min(args.sequence_length, 64)
+        args.train_tokens = min(args.train_tokens, 16 * args.sequence_length)
+        args.heldout_tokens = min(args.heldout_tokens, 4 * args.sequence_length)
+        args.student_layers, args.top_k = min(args.student_layers, 2), min(args.top_k, 64)
         args.student_epochs, args.generate_length = 1, min(args.generate_length, 8)
     elif args.quick:
         args.teacher_size, args.student_size = (32, 1, 2), (16, 1, 2)
