@@ -1471,7 +1471,7 @@ def run_minilm(args, splits, parts, output_dir):
         "phase_seconds": phases,
         "wall_seconds": time.perf_counter() - start,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     plot_soft_targets(
         results["soft_targets"], recipe.temperature,
         output_dir / "soft_targets.png",
@@ -1819,7 +1819,7 @@ def run(args):
         ),
         "wall_seconds": time.perf_counter() - start,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    reporting.write_results(results, output_dir)
     (output_dir / "vocabulary.json").write_text(
         json.dumps(vocabulary.tokens)
     )
