@@ -138,25 +138,19 @@ def _student_backbone(backbone, num_layers, vocabulary_size):
 
 
 def _check_mapping(vocabulary_mapping, teacher_size):
+    from keras_distill.hub import _check_vocabulary_mapping
+
     mapping = np.asarray(vocabulary_mapping)
-    if mapping.ndim != 1 or not np.issubdtype(mapping.dtype, np.integer):
-        raise ValueError(
-            "`vocabulary_mapping` must be a 1-D integer array (the teacher's "
-            f"id of each student token), got shape {mapping.shape} and dtype "
-            f"{mapping.dtype}."
-        )
-    if mapping.size == 0 or mapping.min() < 0 or mapping.max() >= teacher_size:
-        raise ValueError(
-            "`vocabulary_mapping` must hold ids in the teacher's vocabulary "
-            f"[0, {teacher_size}), got {mapping.size} ids"
-            + (f" in [{mapping.min()}, {mapping.max()}]." if mapping.size else ".")
-        )
+    if mapping.size == 0:
+        raise ValueError("`vocabulary_mapping` is empty: give the student at least one token.")
+    # The student's vocabulary is the mapping itself, so its size always agrees.
+    mapping = _check_vocabulary_mapping(mapping, len(mapping) if mapping.ndim else 0, teacher_size)
     if len(np.unique(mapping)) != len(mapping):
         raise ValueError(
             "`vocabulary_mapping` repeats a teacher id: two student tokens "
             "would be the same token."
         )
-    return mapping.astype("int32")
+    return mapping
 
 
 def _copy_embedding(source, target, mapping):

@@ -99,6 +99,8 @@ def test_refusals():
         pruning.default_layers(teacher, 13)
     with pytest.raises(ValueError, match="repeats"):
         pruning.student_from_teacher(teacher, num_layers=2, vocabulary_mapping=[0, 1, 1])
+    with pytest.raises(ValueError, match="empty"):
+        pruning.student_from_teacher(teacher, num_layers=2, vocabulary_mapping=[])
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         pruning.student_from_teacher(teacher, num_layers=2, vocabulary_mapping=[0, 40])
     with pytest.raises(TypeError, match="Backbone or CausalLM"):
