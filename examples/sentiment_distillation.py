@@ -140,6 +140,7 @@ from keras import ops
 
 from keras_distill import Distiller
 from keras_distill import TeacherOutputCache
+from keras_distill import pruning
 from keras_distill import reporting
 from keras_distill.datasets import PHRASEBANK_CLASSES
 from keras_distill.datasets import load_financial_phrasebank
@@ -1249,29 +1250,10 @@ def build_layer_dropped(teacher, kept_layers, dropout, pad_id=PAD_ID):
     Returns:
         A `build_bert_classifier` model named `"layer_dropped"`.
     """
-    keras_hub = _keras_hub()
-    source = backbone_of(teacher)
-    config = {**source.get_config(), "num_layers": len(kept_layers)}
-    config.pop("name", None)
-    backbone = keras_hub.models.BertBackbone.from_config(config)
+    # The embeddings, the chosen blocks, the final norm and the (unused)
+    # pooler come from the teacher's backbone; the head is copied below.
+    backbone = pruning.student_from_teacher(backbone_of(teacher), layers=kept_layers)
     model = build_bert_classifier(backbone, dropout, "layer_dropped", pad_id)
-    copied = [
-        (name, name)
-        for name in (
-            "token_embedding",
-            "position_embedding",
-            "segment_embedding",
-            "embeddings_layer_norm",
-            "pooled_dense",
-        )
-    ] + [
-        (f"transformer_layer_{i}", f"transformer_layer_{k}")
-        for i, k in enumerate(kept_layers)
-    ]
-    for target, origin in copied:
-        backbone.get_layer(target).set_weights(
-            source.get_layer(origin).get_weights()
-        )
     model.get_layer("logits").set_weights(
         teacher.get_layer("logits").get_weights()
     )
