@@ -314,10 +314,7 @@ def run(args):
             preprocessor,
         )
     print(format_table(results))
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    reporting.write_results(results, output_dir)
-    print(f"wrote {output_dir / 'results.json'}")
+    print(f"wrote {reporting.write_results(results, args.output_dir)}")
     return results
 
 
