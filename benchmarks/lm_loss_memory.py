@@ -10,8 +10,8 @@ N = 512, V = 262,144, Gemma 3's vocabulary):
   [1e-7, 1] (its value is not a KL of distributions; see the README);
 - `keras_kl`: the same with `loss=keras.losses.KLDivergence()`, the branch
   that applies the softmax: the KL we compute, in probability space;
-- `chunked`: `keras_distill.fused.chunked_distillation_loss`, same inputs;
-- `fused`: `keras_distill.fused.fused_distillation_loss` from the student's
+- `chunked`: `keras_distill.losses.fused.chunked_distillation_loss`, same inputs;
+- `fused`: `keras_distill.losses.fused.fused_distillation_loss` from the student's
   hidden states `(N, H)` and output embedding `(V, H)` to the teacher's
   logits (alpha = 0: the divergence alone), gradients with respect to both;
 - `fused_ce`: the same with next-token labels and alpha = 0.1 (cross-entropy
@@ -155,7 +155,7 @@ def build_loss(name, temperature, chunk_size):
     """The loss function of `name` and the names of its inputs, in order."""
     import keras
 
-    from keras_distill import fused
+    from keras_distill.losses import fused
 
     if name in ("keras", "keras_kl"):
         loss = "kl_divergence" if name == "keras" else keras.losses.KLDivergence()

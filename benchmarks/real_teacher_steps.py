@@ -50,10 +50,11 @@ def worker(args):
 
     sys.path.insert(0, str(ROOT))
     from keras_distill import TeacherOutputCache
-    from keras_distill import datasets
-    from keras_distill import hub
-    from keras_distill import pruning
+    from keras_distill import distillers
+    from keras_distill import language_models
     from keras_distill.cli import load_example
+    from keras_distill.examples import datasets
+    from keras_distill.language_models import pruning
 
     pretrained_gemma = load_example("pretrained_gemma")
     keras.utils.set_random_seed(0)
@@ -64,7 +65,9 @@ def worker(args):
     student_id = np.full(teacher.backbone.vocabulary_size, -1, "int32")
     student_id[mapping] = np.arange(len(mapping), dtype="int32")
     windows = pretrained_gemma._first_windows(
-        hub.language_model_windows(tokenizer, text[: int(0.9 * len(text))], args.sequence_length),
+        language_models.language_model_windows(
+            tokenizer, text[: int(0.9 * len(text))], args.sequence_length
+        ),
         args.tokens // args.sequence_length,
     )
     x, labels, weight = pretrained_gemma._to_student(windows, student_id)
@@ -98,7 +101,7 @@ def worker(args):
     twin = pruning.student_from_teacher(
         teacher, num_layers=args.student_layers, vocabulary_mapping=mapping
     )
-    distiller = hub.CausalLMDistiller(student=student, teacher=None)
+    distiller = distillers.CausalLMDistiller(student=student, teacher=None)
     distiller.compile(
         optimizer=keras.optimizers.AdamW(1e-5),
         student_loss_fn="sparse_categorical_crossentropy",

@@ -203,9 +203,9 @@ def train_tiny_gemma(data_dir, epochs, vocabulary_size=8192, sequence_length=128
     import keras
     import keras_hub
 
-    from keras_distill.datasets import load_tiny_shakespeare
-    from keras_distill.hub import language_model_windows
-    from keras_distill.hub import train_gemma3_tokenizer
+    from keras_distill.examples.datasets import load_tiny_shakespeare
+    from keras_distill.language_models.hub import language_model_windows
+    from keras_distill.language_models.hub import train_gemma3_tokenizer
 
     text = load_tiny_shakespeare(data_dir, download=False)
     tokenizer = train_gemma3_tokenizer(
@@ -256,7 +256,7 @@ def _reference_top_k(logits, k):
     import keras
     import numpy as np
 
-    from keras_distill.sparse import top_k_teacher_targets
+    from keras_distill.targets.top_k import top_k_teacher_targets
 
     _, indices = top_k_teacher_targets(logits, k)
     indices = keras.ops.convert_to_numpy(indices)
@@ -276,7 +276,7 @@ def measure_cache(logits, rows_per_batch):
     import numpy as np
 
     from keras_distill import TeacherOutputCache
-    from keras_distill.codec import top_k_total_variation
+    from keras_distill.targets.codec import top_k_total_variation
 
     teacher = keras.Sequential([keras.layers.Identity()])
     inputs = logits
@@ -379,7 +379,7 @@ def run_worker(args):
     import keras
     import mnist_distillation as example
 
-    from keras_distill.datasets import load_mnist
+    from keras_distill.examples.datasets import load_mnist
 
     data = tuple(load_mnist(args.data_dir))
     output = Path(args.worker_output)

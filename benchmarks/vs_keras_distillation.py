@@ -40,7 +40,7 @@ def run_worker(args):
     import mnist_distillation as example
 
     from keras_distill import Distiller
-    from keras_distill.datasets import load_mnist
+    from keras_distill.examples.datasets import load_mnist
 
     data = tuple(load_mnist(args.data_dir))
     results = {"backend": keras.backend.backend(), "keras": keras.__version__}

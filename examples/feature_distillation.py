@@ -4,7 +4,7 @@ Two real-data comparisons at the same optimizer-step budget per row (same
 student, data order, epochs and batch size; only the loss differs), each
 row trained once per seed and reported as mean ± std over the seeds:
 
-1. MNIST CNNs (`keras_distill.datasets.load_mnist`): a CNN teacher distilled
+1. MNIST CNNs (`keras_distill.examples.datasets.load_mnist`): a CNN teacher distilled
    into a 4x narrower CNN student by logits only, and by logits plus the
    hidden states of both convolutions ("linear path": a trainable 1x1
    projection from the student's channels to the teacher's, layer norm,
@@ -18,7 +18,7 @@ row trained once per seed and reported as mean ± std over the seeds:
    `uniform`, `last` and `attention` layer mappings; plus attention maps
    (cosine of head-averaged attention probabilities, padded tokens masked).
 
-Then the quantization table (`keras_distill.quantize.compare_quantized`) of
+Then the quantization table (`keras_distill.extras.quantize.compare_quantized`) of
 the hidden-state-distilled MNIST student: Keras 3.15 quantizes its `Dense`
 layers, not its convolutions (see the `quantized layers` column);
 `examples/quantize_student.py` has the table for an MLP student, every
@@ -41,16 +41,16 @@ import numpy as np
 from keras import layers
 
 from keras_distill import Distiller
-from keras_distill import reporting
 from keras_distill.cli import load_example
-from keras_distill.datasets import load_mnist
-from keras_distill.features import FeatureDistillation
-from keras_distill.quantize import QUANTIZATION_MODES
-from keras_distill.quantize import compare_quantized
-from keras_distill.quantize import format_comparison
-from keras_distill.reporting import format_gains
-from keras_distill.reporting import format_mean_std
-from keras_distill.reporting import format_rows
+from keras_distill.distillers.feature_distillation import FeatureDistillation
+from keras_distill.examples import reporting
+from keras_distill.examples.datasets import load_mnist
+from keras_distill.examples.reporting import format_gains
+from keras_distill.examples.reporting import format_mean_std
+from keras_distill.examples.reporting import format_rows
+from keras_distill.extras.quantize import QUANTIZATION_MODES
+from keras_distill.extras.quantize import compare_quantized
+from keras_distill.extras.quantize import format_comparison
 
 IMAGE_SHAPE = (28, 28, 1)
 MNIST_CLASSES = 10

@@ -5,7 +5,7 @@ trained on the training part of Tiny Shakespeare, a small Gemma 3 teacher
 trained briefly on it, then two identical small Gemma 3 students that start
 from the same initial weights and see the same batches for the same number of
 optimizer steps: one distilled from the teacher with
-`keras_distill.hub.CausalLMDistiller`, one trained from scratch on the text
+`keras_distill.distillers.CausalLMDistiller`, one trained from scratch on the text
 alone. It prints held-out perplexity and teacher–student top-1 agreement
 (how often the student's most likely next token is the teacher's) for each
 model, a few generated lines from each, and the error of top-k teacher
@@ -24,7 +24,7 @@ on-policy student's training time spent generating.
 
 The text is split by position: the first 90% trains, the last 10% is
 held out. Each split is tokenized once and cut into windows of
-`--sequence-length` tokens (`keras_distill.hub.language_model_windows`).
+`--sequence-length` tokens (`keras_distill.language_models.language_model_windows`).
 
 With `--teacher` and `--student` preset names (e.g. `gemma3_instruct_27b`
 and `gemma3_instruct_1b`) or local preset directories, the same script loads
@@ -46,12 +46,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_distill import datasets
-from keras_distill import hub
+from keras_distill import distillers
+from keras_distill import language_models
 from keras_distill import losses
-from keras_distill import on_policy
-from keras_distill import reporting
-from keras_distill import sparse
+from keras_distill import targets
+from keras_distill.distillers import on_policy
+from keras_distill.examples import datasets
+from keras_distill.examples import reporting
 
 PROMPTS = ("ROMEO:", "First Citizen:\nWe are", "KING RICHARD III:\nNow")
 
@@ -111,12 +112,12 @@ def top_k_errors(teacher_logits, student_logits, weight, temperature, ks):
     for k in ks:
         if k > teacher_logits.shape[-1]:
             continue
-        log_probs, indices = sparse.top_k_teacher_targets(teacher_logits, k)
+        log_probs, indices = targets.top_k_teacher_targets(teacher_logits, k)
         row = {"k": k, "dense": dense}
         for tail in ("renormalize", "bucket"):
             value = float(
                 keras.ops.convert_to_numpy(
-                    sparse.sparse_forward_kl(
+                    losses.sparse_forward_kl(
                         log_probs,
                         indices,
                         student_logits,
@@ -172,9 +173,9 @@ def run_offline(args):
     if args.quick:
         train_text, heldout_text = train_text[:60_000], heldout_text[:8_000]
     lines = [line for line in train_text.splitlines() if line.strip()]
-    tokenizer = hub.train_gemma3_tokenizer(lines, args.vocabulary_size)
-    train = hub.language_model_windows(tokenizer, train_text, args.sequence_length)
-    heldout = hub.language_model_windows(tokenizer, heldout_text, args.sequence_length)
+    tokenizer = language_models.train_gemma3_tokenizer(lines, args.vocabulary_size)
+    train = language_models.language_model_windows(tokenizer, train_text, args.sequence_length)
+    heldout = language_models.language_model_windows(tokenizer, heldout_text, args.sequence_length)
     print(
         f"{len(train[1])} training and {len(heldout[1])} held-out windows of "
         f"{args.sequence_length} tokens (vocabulary {tokenizer.vocabulary_size()})"
@@ -210,14 +211,14 @@ def run_offline(args):
 
 
 def run_presets(args):
-    distiller = hub.CausalLMDistiller.from_preset(
+    distiller = distillers.CausalLMDistiller.from_preset(
         args.teacher, args.student, sequence_length=args.sequence_length
     )
     text = datasets.load_tiny_shakespeare(args.data_dir)
     split = int(0.9 * len(text))
     tokenizer = distiller.preprocessor.tokenizer
-    train = hub.language_model_windows(tokenizer, text[:split], args.sequence_length)
-    heldout = hub.language_model_windows(tokenizer, text[split:], args.sequence_length)
+    train = language_models.language_model_windows(tokenizer, text[:split], args.sequence_length)
+    heldout = language_models.language_model_windows(tokenizer, text[split:], args.sequence_length)
     preprocessor = distiller.preprocessor
     teacher, student = distiller.teacher, distiller.student
     # KerasHub's `fit` would run the preprocessor on the token ids.
@@ -241,7 +242,7 @@ def run(args):
     validation = (x_heldout, labels_heldout, weight_heldout)
 
     initial_weights = distilled.get_weights()
-    distiller = hub.CausalLMDistiller(student=distilled, teacher=teacher)
+    distiller = distillers.CausalLMDistiller(student=distilled, teacher=teacher)
     distiller.compile(
         optimizer=_optimizer(args.learning_rate),
         student_loss_fn="sparse_categorical_crossentropy",
@@ -383,7 +384,7 @@ def compare_modes(
         )
         extra["sequence"] = {"teacher_generation_seconds": time.perf_counter() - start}
         student = _fresh_student(args, distilled_vocabulary, initial_weights)
-        distiller = hub.CausalLMDistiller(student=student, teacher=teacher)
+        distiller = distillers.CausalLMDistiller(student=student, teacher=teacher)
         distiller.compile(
             optimizer=_optimizer(args.learning_rate),
             student_loss_fn="sparse_categorical_crossentropy",
@@ -399,7 +400,7 @@ def compare_modes(
         )
     if "on_policy" in modes:
         student = _fresh_student(args, distilled_vocabulary, initial_weights)
-        distiller = hub.CausalLMDistiller(
+        distiller = distillers.CausalLMDistiller(
             student=student,
             teacher=teacher,
             on_policy=on_policy.OnPolicyGeneration(
@@ -463,7 +464,8 @@ def compare_modes(
 
 def format_modes(modes):
     lines = [
-        "| student | optimizer steps | held-out perplexity | top-1 agreement | teacher log-likelihood of its samples (per token) | train s |",
+        "| student | optimizer steps | held-out perplexity | top-1 agreement "
+        "| teacher log-likelihood of its samples (per token) | train s |",
         "|---|---|---|---|---|---|",
     ]
     for name, row in modes.items():

@@ -8,7 +8,7 @@ size of the saved `.keras` file, median training seconds per epoch) and writes
 `results.json`, `softened_distributions.png` and `learning_curves.png` to
 `--output-dir`.
 
-Offline, `keras_distill.datasets.load_mnist` falls back to the official MNIST
+Offline, `keras_distill.examples.datasets.load_mnist` falls back to the official MNIST
 test split (10,000 images) split into 8,000 train / 2,000 test images; the
 learning curves are accuracies on those 2,000 test images after each epoch,
 used for plotting only (no early stopping or model selection).
@@ -77,8 +77,8 @@ import numpy as np
 from keras import layers
 
 from keras_distill import Distiller
-from keras_distill import reporting
-from keras_distill.datasets import load_mnist
+from keras_distill.examples import reporting
+from keras_distill.examples.datasets import load_mnist
 
 IMAGE_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10

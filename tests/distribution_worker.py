@@ -25,7 +25,7 @@ def build(hidden_dim, seed):
 
 
 def train(distribution, data, weights):
-    from keras_distill.hub import CausalLMDistiller
+    from keras_distill.distillers.causal_lm import CausalLMDistiller
 
     keras.distribution.set_distribution(distribution)
     teacher, student = build(32, 0), build(16, 1)
@@ -57,9 +57,10 @@ def train(distribution, data, weights):
 
 
 def main():
-    from keras_distill.distribution import ShardedDistribution
-    from keras_distill.distribution import causal_lm_layout_map
     import keras_hub
+
+    from keras_distill.extras.distribution import ShardedDistribution
+    from keras_distill.extras.distribution import causal_lm_layout_map
 
     devices = keras.distribution.list_devices()
     rng = np.random.default_rng(0)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from keras_distill import Distiller
-from keras_distill.cache import TeacherOutputCache
-from keras_distill.cache import example_digests
-from keras_distill.codec import top_k_total_variation
-from keras_distill.sparse import top_k_teacher_targets
+from keras_distill.targets.cache import TeacherOutputCache
+from keras_distill.targets.cache import example_digests
+from keras_distill.targets.codec import top_k_total_variation
+from keras_distill.targets.top_k import top_k_teacher_targets
 from tests.test_distiller import compiled_distiller
 from tests.test_distiller import make_data
 from tests.test_distiller import make_teacher

@@ -19,9 +19,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_distill import cache as cache_module
-from keras_distill.cache import DamagedCacheError
-from keras_distill.cache import TeacherOutputCache
+from keras_distill.targets import cache as cache_module
+from keras_distill.targets.cache import DamagedCacheError
+from keras_distill.targets.cache import TeacherOutputCache
 from tests.test_cache import teacher_batches  # noqa: F401 (a fixture)
 from tests.test_cache import teacher_logits_of
 from tests.test_distiller import compiled_distiller
@@ -54,7 +54,7 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from keras_distill.cache import TeacherOutputCache
+    from keras_distill.targets.cache import TeacherOutputCache
     from tests.test_distiller import make_data, make_teacher
 
     directory, barrier = Path(sys.argv[1]), Path(sys.argv[2])

@@ -10,11 +10,11 @@ from keras import ops
 from keras_distill import Distiller
 from keras_distill import callbacks
 from keras_distill.callbacks import PeakMemory
-from keras_distill.callbacks import TeacherAgreement
-from keras_distill.callbacks import TeacherKL
 from keras_distill.callbacks import Throughput
-from tests.test_losses import np_log_softmax
+from keras_distill.metrics import TeacherAgreement
+from keras_distill.metrics import TeacherKL
 from tests.test_losses import np_kl
+from tests.test_losses import np_log_softmax
 
 NUM_FEATURES, NUM_CLASSES = 6, 4
 

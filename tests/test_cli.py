@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from keras_distill import cli
-from keras_distill.cache import TeacherOutputCache
+from keras_distill.targets.cache import TeacherOutputCache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / ".." / "shared" / "data"
@@ -235,7 +235,7 @@ def test_cache_command_stores_the_teachers_logits(tmp_path, capsys):
     assert status == 0, capsys.readouterr().err
     assert "Cached teacher outputs of" in capsys.readouterr().out
 
-    from keras_distill.datasets import load_mnist
+    from keras_distill.examples.datasets import load_mnist
 
     (x_train, _), _ = load_mnist(DATA_DIR)
     # Opening with the teacher, the inputs and the preprocessing checks the

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from keras_distill.codec import HEADER_BYTES
-from keras_distill.codec import decode_top_k
-from keras_distill.codec import encode_top_k
-from keras_distill.codec import top_k_total_variation
+from keras_distill.targets.codec import HEADER_BYTES
+from keras_distill.targets.codec import decode_top_k
+from keras_distill.targets.codec import encode_top_k
+from keras_distill.targets.codec import top_k_total_variation
 
 
 def language_model_logits(tokens, vocabulary_size, seed=0):

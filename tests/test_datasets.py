@@ -1,4 +1,4 @@
-"""Tests for `keras_distill.datasets` on the real MNIST IDX files."""
+"""Tests for `keras_distill.examples.datasets` on the real MNIST IDX files."""
 
 import gzip
 import warnings
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from keras_distill import datasets
+from keras_distill.examples import datasets
 
 DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

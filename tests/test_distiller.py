@@ -620,7 +620,7 @@ def test_precomputed_teacher_logits_give_the_online_loss_without_a_teacher():
 
 
 def test_top_k_targets_with_every_class_equal_the_dense_loss():
-    from keras_distill.sparse import top_k_teacher_targets
+    from keras_distill.targets.top_k import top_k_teacher_targets
 
     x, y = make_data()
     distiller = compiled_distiller()
@@ -675,7 +675,7 @@ def test_top_k_targets_refuse_a_divergence_other_than_forward_kl():
 
 
 def _feature_distiller():
-    from keras_distill.features import FeatureDistillation
+    from keras_distill.distillers.feature_distillation import FeatureDistillation
 
     def mlp(name, seed):
         keras.utils.set_random_seed(seed)

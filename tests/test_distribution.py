@@ -1,4 +1,4 @@
-"""`keras_distill.distribution`: sharded distillation equals single-device."""
+"""`keras_distill.extras.distribution`: sharded distillation equals single-device."""
 
 import json
 import os
@@ -54,7 +54,7 @@ def test_sharded_teacher_and_student_match_single_device():
 def test_gemma3_weights_follow_gemma_layout_paths():
     import keras_hub
 
-    from keras_distill.distribution import causal_lm_layout_map
+    from keras_distill.extras.distribution import causal_lm_layout_map
 
     mesh = keras.distribution.DeviceMesh(
         (1, 1), ("batch", "model"), devices=["cpu:0"]

@@ -6,13 +6,14 @@ import pytest
 from keras import ops
 
 from keras_distill import Distiller
-from keras_distill import features
-from keras_distill.features import FeatureDistillation
-from keras_distill.features import attention_map_loss
-from keras_distill.features import build_view
-from keras_distill.features import hidden_state_loss
-from keras_distill.features import layer_mapping
-from keras_distill.features import map_heads
+from keras_distill import losses
+from keras_distill.distillers.feature_distillation import FeatureDistillation
+from keras_distill.distillers.feature_distillation import layer_mapping
+from keras_distill.graph import build_view
+from keras_distill.language_models import hub
+from keras_distill.losses.features import attention_map_loss
+from keras_distill.losses.features import hidden_state_loss
+from keras_distill.losses.features import map_heads
 from tests.conftest import value_and_grad
 from tests.test_losses import np_divergence
 from tests.test_losses import np_log_softmax
@@ -87,7 +88,7 @@ def random_probs(rng, shape):
 def test_layer_normalize_matches_numpy():
     x = np.random.default_rng(0).normal(3.0, 5.0, size=(4, 7)).astype("float32")
     np.testing.assert_allclose(
-        numpy(features.layer_normalize(x)), np_layer_normalize(x), atol=1e-5
+        numpy(losses.layer_normalize(x)), np_layer_normalize(x), atol=1e-5
     )
 
 
@@ -456,7 +457,7 @@ def test_gemma3_attention_probabilities_reproduce_the_attention_output(gemma_pai
     x, _ = gemma_batch()
     block = teacher.backbone.transformer_layers[1]  # a sliding-window layer
     hidden = teacher.backbone.token_embedding(x["token_ids"]) * np.sqrt(24)
-    probs = features._Gemma3AttentionProbabilities(block)(
+    probs = hub._Gemma3AttentionProbabilities(block)(
         hidden, padding_mask=x["padding_mask"]
     )
     attention = block.attention
@@ -473,7 +474,7 @@ def test_gemma3_attention_probabilities_reproduce_the_attention_output(gemma_pai
 
 
 def test_gemma_pair_by_block_index_with_hidden_and_attention_terms(gemma_pair, tmp_path):
-    from keras_distill.hub import CausalLMDistiller
+    from keras_distill.distillers.causal_lm import CausalLMDistiller
 
     student, teacher = gemma_pair
     fd = FeatureDistillation(pairs="uniform", weight=1.0, attention_weight=1.0)

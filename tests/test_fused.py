@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_distill import fused
 from keras_distill import losses
-from keras_distill import sparse
+from keras_distill.losses import fused
+from keras_distill.targets import top_k
 from tests.conftest import value_and_grad
 
 # Shared shapes (JAX compiles once per shape and loss): 2 sequences of 7
@@ -241,7 +241,7 @@ def dense_reference(case, packed, teacher, temperature, alpha, mask, **kwargs):
         mask,
     )
     if teacher == "top_k":
-        divergence = sparse.sparse_forward_kl(
+        divergence = losses.sparse_forward_kl(
             kwargs["log_probs"], kwargs["indices"], logits, temperature,
             tail=kwargs["tail"], sample_weight=mask, targets_temperature=1.0,
         )
@@ -285,7 +285,7 @@ def test_fused_loss_matches_the_dense_loss(
         )
     else:
         # 4 of 13 entries, the last one padding (-inf at a repeated index).
-        log_probs, indices = sparse.top_k_teacher_targets(teacher_logits, 4)
+        log_probs, indices = top_k.top_k_teacher_targets(teacher_logits, 4)
         log_probs = ops.convert_to_numpy(log_probs)
         indices = ops.convert_to_numpy(indices)
         log_probs[..., -1] = -np.inf
@@ -364,7 +364,7 @@ def test_fused_loss_of_all_padding_is_a_finite_zero_with_zero_gradient(teacher):
     if teacher == "logits":
         targets = {"teacher_logits": case.teacher_logits()}
     else:
-        log_probs, indices = sparse.top_k_teacher_targets(case.teacher_logits(), 3)
+        log_probs, indices = top_k.top_k_teacher_targets(case.teacher_logits(), 3)
         targets = {
             "teacher_top_log_probs": log_probs,
             "teacher_top_indices": indices,
@@ -603,7 +603,7 @@ def test_bad_fused_arguments_fail_early_and_name_the_argument(
 
 def top_k_arguments(k=3, **overrides):
     case = LanguageModelCase(seed=7)
-    log_probs, indices = sparse.top_k_teacher_targets(case.teacher_logits(), k)
+    log_probs, indices = top_k.top_k_teacher_targets(case.teacher_logits(), k)
     arguments = fused_arguments(
         teacher_logits=None,
         teacher_top_log_probs=ops.convert_to_numpy(log_probs),

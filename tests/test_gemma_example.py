@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from keras_distill import cli
-from keras_distill import hub
-from keras_distill import pruning
+from keras_distill import language_models
+from keras_distill.language_models import pruning
 from tests.conftest import DATA_DIR
 from tests.conftest import tiny_gemma3
 
@@ -29,7 +29,7 @@ pretrained_gemma = cli.load_example("pretrained_gemma")
 @pytest.fixture(scope="module")
 def preset_dir(tmp_path_factory):
     lines = (DATA_DIR / "tinyshakespeare.txt").read_text().splitlines()[:3000]
-    tokenizer = hub.train_gemma3_tokenizer([line for line in lines if line], 400)
+    tokenizer = language_models.train_gemma3_tokenizer([line for line in lines if line], 400)
     preprocessor = keras_hub.models.Gemma3CausalLMPreprocessor(
         tokenizer=tokenizer, sequence_length=64
     )

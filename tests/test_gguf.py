@@ -1,4 +1,4 @@
-"""Tests for `keras_distill.gguf`: Gemma 3 GGUF export and loading, offline.
+"""Tests for `keras_distill.language_models.gguf`: Gemma 3 GGUF export and loading, offline.
 
 A tiny six-block Gemma 3 (five sliding-window blocks and one global block, as
 llama.cpp's gemma3 interleaves them) with a SentencePiece tokenizer trained on
@@ -16,8 +16,8 @@ keras_hub = pytest.importorskip("keras_hub")
 gguf = pytest.importorskip("gguf")
 sentencepiece = pytest.importorskip("sentencepiece")
 
-from keras_distill import gguf as gemma_gguf  # noqa: E402
-from keras_distill import hub  # noqa: E402
+from keras_distill import language_models  # noqa: E402
+from keras_distill.language_models import gguf as gemma_gguf  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 from tests.conftest import tiny_gemma3  # noqa: E402
 
@@ -94,7 +94,7 @@ def tokenizers():
         # Gemma's own kind of model (llama.cpp's "llama" tokenizer).
         "bpe": _gemma_style_tokenizer(lines),
         # keras-distill's trainer: unigram with NFKC (llama.cpp's "t5").
-        "unigram": hub.train_gemma3_tokenizer(lines, VOCABULARY_SIZE),
+        "unigram": language_models.train_gemma3_tokenizer(lines, VOCABULARY_SIZE),
     }
 
 

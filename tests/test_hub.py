@@ -1,4 +1,4 @@
-"""Tests for `keras_distill.hub`: KerasHub causal-LM distillation, offline."""
+"""Tests for `keras_distill.distillers.causal_lm`: KerasHub causal-LM distillation, offline."""
 
 import logging
 
@@ -8,7 +8,8 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_distill import hub  # noqa: E402
+from keras_distill import distillers  # noqa: E402
+from keras_distill import language_models  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 from tests.conftest import tiny_gemma3  # noqa: E402
 
@@ -23,7 +24,7 @@ def _shakespeare_lines(count=4000):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return hub.train_gemma3_tokenizer(_shakespeare_lines(), VOCABULARY_SIZE)
+    return language_models.train_gemma3_tokenizer(_shakespeare_lines(), VOCABULARY_SIZE)
 
 
 def _gemma(tokenizer, hidden_dim, vocabulary_size=VOCABULARY_SIZE, seed=0, **config):
@@ -69,7 +70,7 @@ def _compile(distiller, alpha=0.5, temperature=2.0):
 @pytest.fixture(scope="module")
 def other_tokenizer():
     """A tokenizer trained on other lines: same size, other token ids."""
-    return hub.train_gemma3_tokenizer(_shakespeare_lines()[2000:], VOCABULARY_SIZE)
+    return language_models.train_gemma3_tokenizer(_shakespeare_lines()[2000:], VOCABULARY_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def models(tokenizer):
 @pytest.fixture(scope="module")
 def batch(models):
     student, _ = models
-    distiller = hub.CausalLMDistiller(student=student, teacher=models[1])
+    distiller = distillers.CausalLMDistiller(student=student, teacher=models[1])
     texts = _shakespeare_lines()[:4]
     return distiller.preprocess(texts)
 
@@ -106,7 +107,7 @@ def test_preprocess_masks_padding_not_token_ids(batch):
 def test_loss_matches_reference_over_real_tokens(models, batch):
     student, teacher = models
     x, labels, sample_weight = batch
-    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     expected = _reference_loss(
         keras.ops.convert_to_numpy(teacher(x)),
         keras.ops.convert_to_numpy(student(x)),
@@ -124,7 +125,7 @@ def test_padding_id_equal_to_eos_still_trains_on_eos(models, tokenizer):
     # A tokenizer whose pad id is also its EOS id (GPT-2 style): the real EOS
     # is marked by the mask, and must count.
     student, teacher = models
-    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     pad_id = tokenizer.pad_token_id
     token_ids = np.array([[2, 40, 41, pad_id, pad_id, pad_id]], "int32")
     labels = np.array([[40, 41, pad_id, pad_id, pad_id, pad_id]], "int32")
@@ -147,7 +148,7 @@ def test_padding_id_equal_to_eos_still_trains_on_eos(models, tokenizer):
 def test_all_padding_batch_gives_zero_loss_and_no_update(models, batch):
     tokenizer, teacher = models[0].preprocessor.tokenizer, models[1]
     student = _gemma(tokenizer, 16, seed=1)
-    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     x, labels, _ = batch
     zero_weight = np.zeros(labels.shape, "float32")
     assert _loss(distiller, x, labels, zero_weight) == 0.0
@@ -163,7 +164,7 @@ def test_all_padding_batch_gives_zero_loss_and_no_update(models, batch):
 def test_fit_moves_the_student_to_the_teacher(models, batch):
     tokenizer, teacher = models[0].preprocessor.tokenizer, models[1]
     student = _gemma(tokenizer, 16, seed=1)
-    distiller = hub.CausalLMDistiller(student=student, teacher=teacher)
+    distiller = distillers.CausalLMDistiller(student=student, teacher=teacher)
     distiller.compile(
         optimizer=keras.optimizers.Adam(1e-2),
         student_loss_fn="sparse_categorical_crossentropy",
@@ -184,7 +185,7 @@ def test_final_logit_soft_cap_is_distilled(tokenizer, batch):
     # capped distribution the model really outputs.
     teacher = _gemma(tokenizer, 32, seed=3, final_logit_soft_cap=1.0)
     student = _gemma(tokenizer, 16, seed=4)
-    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     x, labels, sample_weight = batch
     teacher_logits = keras.ops.convert_to_numpy(distiller._teacher_logits(x))
     assert np.abs(teacher_logits).max() <= 1.0
@@ -212,14 +213,14 @@ def test_final_logit_soft_cap_is_distilled(tokenizer, batch):
 def test_padded_embedding_tables_are_sliced_to_the_tokenizer(tokenizer, batch, caplog):
     teacher = _gemma(tokenizer, 32, vocabulary_size=VOCABULARY_SIZE + 20, seed=5)
     student = _gemma(tokenizer, 16, vocabulary_size=VOCABULARY_SIZE + 4, seed=6)
-    with caplog.at_level(logging.INFO, logger="keras_distill.hub"):
-        distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    with caplog.at_level(logging.INFO, logger="keras_distill.distillers.causal_lm"):
+        distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     assert "padded differently" in caplog.text
     x, labels, sample_weight = batch
     teacher_logits = keras.ops.convert_to_numpy(teacher(x))[..., :VOCABULARY_SIZE]
     student_logits = keras.ops.convert_to_numpy(student(x))
     kl_only = _compile(
-        hub.CausalLMDistiller(student=student, teacher=teacher), alpha=0.0
+        distillers.CausalLMDistiller(student=student, teacher=teacher), alpha=0.0
     )
     expected = _reference_loss(
         teacher_logits,
@@ -239,21 +240,21 @@ def test_vocabulary_size_mismatch_without_tokenizers_names_both_sizes():
     teacher = _gemma(None, 32, vocabulary_size=120)
     student = _gemma(None, 16, vocabulary_size=100)
     with pytest.raises(ValueError, match="120 tokens, student 100"):
-        hub.CausalLMDistiller(student=student, teacher=teacher)
+        distillers.CausalLMDistiller(student=student, teacher=teacher)
 
 
 def test_different_tokenizers_are_refused(tokenizer, other_tokenizer):
     teacher = _gemma(other_tokenizer, 32)
     student = _gemma(tokenizer, 16)
     with pytest.raises(ValueError, match="tokenizers differ.*vocabulary_mapping"):
-        hub.CausalLMDistiller(student=student, teacher=teacher)
+        distillers.CausalLMDistiller(student=student, teacher=teacher)
 
 
 def test_vocabulary_mapping_gathers_teacher_logits(tokenizer, other_tokenizer, batch):
     teacher = _gemma(other_tokenizer, 32, seed=7)
     student = _gemma(tokenizer, 16, seed=8)
     mapping = np.random.default_rng(0).permutation(VOCABULARY_SIZE)
-    distiller = hub.CausalLMDistiller(
+    distiller = distillers.CausalLMDistiller(
         student=student, teacher=teacher, vocabulary_mapping=mapping
     )
     x, _, _ = batch
@@ -262,7 +263,7 @@ def test_vocabulary_mapping_gathers_teacher_logits(tokenizer, other_tokenizer, b
         keras.ops.convert_to_numpy(teacher(x))[..., mapping],
         rtol=1e-6,
     )
-    restored = hub.CausalLMDistiller.from_config(distiller.get_config())
+    restored = distillers.CausalLMDistiller.from_config(distiller.get_config())
     np.testing.assert_array_equal(restored._vocabulary_mapping, mapping)
 
 
@@ -277,7 +278,7 @@ def test_vocabulary_mapping_gathers_teacher_logits(tokenizer, other_tokenizer, b
 def test_bad_vocabulary_mapping(models, mapping, message):
     student, teacher = models
     with pytest.raises(ValueError, match=message):
-        hub.CausalLMDistiller(
+        distillers.CausalLMDistiller(
             student=student, teacher=teacher, vocabulary_mapping=mapping
         )
 
@@ -285,14 +286,14 @@ def test_bad_vocabulary_mapping(models, mapping, message):
 def test_non_causal_lm_is_refused(models):
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(TypeError, match="`student` must be a `keras_hub"):
-        hub.CausalLMDistiller(student=plain, teacher=models[1])
+        distillers.CausalLMDistiller(student=plain, teacher=models[1])
 
 
 def test_from_preset_loads_local_presets(models, tmp_path):
     student, teacher = models
     teacher.save_to_preset(str(tmp_path / "teacher"))
     student.save_to_preset(str(tmp_path / "student"))
-    distiller = hub.CausalLMDistiller.from_preset(
+    distiller = distillers.CausalLMDistiller.from_preset(
         str(tmp_path / "teacher"), str(tmp_path / "student"), sequence_length=8
     )
     x, labels, sample_weight = distiller.preprocess(_shakespeare_lines()[:3])
@@ -307,7 +308,7 @@ def test_from_preset_loads_local_presets(models, tmp_path):
 
 def test_language_model_windows_on_shakespeare(tokenizer):
     text = (DATA_DIR / "tinyshakespeare.txt").read_text()[:5000]
-    x, labels, weight = hub.language_model_windows(tokenizer, text, 32)
+    x, labels, weight = language_models.language_model_windows(tokenizer, text, 32)
     ids = np.asarray(keras.ops.convert_to_numpy(tokenizer(text)))
     assert x["token_ids"].shape[1] == 32
     assert (x["token_ids"][:, 0] == tokenizer.start_token_id).all()
@@ -316,9 +317,9 @@ def test_language_model_windows_on_shakespeare(tokenizer):
     np.testing.assert_array_equal(x["token_ids"][1, 1:], ids[32:63])
     assert weight.all() and x["padding_mask"].all()
     with pytest.raises(ValueError, match="sequence_length"):
-        hub.language_model_windows(tokenizer, text, 0)
+        language_models.language_model_windows(tokenizer, text, 0)
     with pytest.raises(TypeError, match="sequence_length"):
-        hub.language_model_windows(tokenizer, text, True)
+        language_models.language_model_windows(tokenizer, text, True)
 
 
 @pytest.mark.parametrize("soft_cap", [None, 1.5])
@@ -336,7 +337,7 @@ def test_fused_loss_equals_dense_loss_and_trains_the_same(tokenizer, batch, soft
     for fused_loss in (False, True):
         teacher, student = build()
         distiller = _compile(
-            hub.CausalLMDistiller(
+            distillers.CausalLMDistiller(
                 student=student,
                 teacher=teacher,
                 fused_loss=fused_loss,
@@ -364,7 +365,7 @@ def test_fused_loss_equals_dense_loss_and_trains_the_same(tokenizer, batch, soft
 
 def test_fused_loss_refuses_metrics_and_unknown_divergences(models):
     student, teacher = models
-    distiller = hub.CausalLMDistiller(student=student, teacher=teacher, fused_loss=True)
+    distiller = distillers.CausalLMDistiller(student=student, teacher=teacher, fused_loss=True)
     with pytest.raises(ValueError, match="compile without `metrics`"):
         distiller.compile(
             optimizer="sgd",
@@ -388,7 +389,7 @@ def test_predict_returns_student_logits_and_the_model_stays_usable(
 ):
     x, labels, sample_weight = batch
     student = _gemma(tokenizer, 16, seed=3)
-    distiller = _compile(hub.CausalLMDistiller(
+    distiller = _compile(distillers.CausalLMDistiller(
         student=student, teacher=models[1], fused_loss=fused_loss
     ))
     distiller.fit(x, labels, sample_weight=sample_weight, verbose=0)
@@ -418,7 +419,7 @@ def test_ids_outside_the_vocabulary_stop_fit_naming_them(
         x["token_ids"][1, 0] = bad_id
         message = rf"Token id {bad_id} .* {VOCABULARY_SIZE} tokens"
     student = _gemma(tokenizer, 16, seed=4)
-    distiller = _compile(hub.CausalLMDistiller(
+    distiller = _compile(distillers.CausalLMDistiller(
         student=student, teacher=models[1], fused_loss=fused_loss
     ))
     before = student.get_weights()
@@ -434,7 +435,7 @@ def test_non_finite_teacher_logits_at_padding_and_minus_inf_classes(
 ):
     student, teacher = models
     x, labels, sample_weight = batch
-    distiller = _compile(hub.CausalLMDistiller(
+    distiller = _compile(distillers.CausalLMDistiller(
         student=student, teacher=None, fused_loss=fused_loss
     ))
     teacher_logits = keras.ops.convert_to_numpy(teacher(x))
@@ -456,7 +457,7 @@ def test_non_finite_teacher_logits_at_padding_and_minus_inf_classes(
     finite[..., 5] = -1e4  # the same distribution, nearly
     assert np.isfinite(loss(poisoned))
     np.testing.assert_allclose(loss(poisoned), loss(finite), rtol=1e-5)
-    fresh = hub.CausalLMDistiller(student=_gemma(
+    fresh = distillers.CausalLMDistiller(student=_gemma(
         student.preprocessor.tokenizer, 16, seed=5), teacher=None,
         fused_loss=fused_loss)
     history = _compile(fresh).fit(
@@ -468,7 +469,7 @@ def test_non_finite_teacher_logits_at_padding_and_minus_inf_classes(
 def test_per_sequence_sample_weight_keeps_the_padding_mask(models, batch):
     student, teacher = models
     x, labels, _ = batch
-    distiller = _compile(hub.CausalLMDistiller(student=student, teacher=teacher))
+    distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     per_sequence = np.array([1.0, 2.0, 0.5, 1.0], "float32")
     mask = x["padding_mask"].astype("float32")
     expected = _reference_loss(

@@ -8,12 +8,12 @@ import pytest
 from keras import ops
 
 from keras_distill import Distiller
-from keras_distill.layer_dropout import StochasticDepth
-from keras_distill.layer_dropout import StochasticDepthSchedule
-from keras_distill.layer_dropout import add_stochastic_depth
-from keras_distill.layer_dropout import progressive_rates
-from keras_distill.layer_dropout import remove_stochastic_depth
-from keras_distill.layer_dropout import stochastic_depth_layers
+from keras_distill.extras.layer_dropout import StochasticDepth
+from keras_distill.extras.layer_dropout import StochasticDepthSchedule
+from keras_distill.extras.layer_dropout import add_stochastic_depth
+from keras_distill.extras.layer_dropout import progressive_rates
+from keras_distill.extras.layer_dropout import remove_stochastic_depth
+from keras_distill.extras.layer_dropout import stochastic_depth_layers
 
 WIDTH = 6
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from keras_distill import checks
 from keras_distill import losses
 from tests.conftest import value_and_grad
 
@@ -280,14 +281,14 @@ def test_bad_mixture_weights_are_named(fn, kwargs, match):
 )
 def test_check_positive_int_refuses_with_the_name(value, error):
     with pytest.raises(error, match="`top_k` must be a Python int >= 1, got"):
-        losses.check_positive_int("top_k", value)
+        checks.check_positive_int("top_k", value)
 
 
 def test_check_positive_int_accepts_ints_and_allowed_none():
-    losses.check_positive_int("top_k", 1)
-    losses.check_positive_int("top_k", None, allow_none=True)
+    checks.check_positive_int("top_k", 1)
+    checks.check_positive_int("top_k", None, allow_none=True)
     with pytest.raises(ValueError, match=r"`top_k` must be .* or None"):
-        losses.check_positive_int("top_k", 0, allow_none=True)
+        checks.check_positive_int("top_k", 0, allow_none=True)
 
 
 def test_class_count_mismatch_names_both_sizes():

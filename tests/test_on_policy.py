@@ -1,4 +1,4 @@
-"""Tests for `keras_distill.on_policy`: on-policy and sequence-level distillation."""
+"""Tests for `keras_distill.distillers.on_policy`: on-policy and sequence-level distillation."""
 
 import keras
 import numpy as np
@@ -6,10 +6,11 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_distill import hub  # noqa: E402
+from keras_distill import distillers  # noqa: E402
+from keras_distill import language_models  # noqa: E402
 from keras_distill import losses  # noqa: E402
-from keras_distill import on_policy  # noqa: E402
-from keras_distill.callbacks import TeacherAgreement  # noqa: E402
+from keras_distill.distillers import on_policy  # noqa: E402
+from keras_distill.metrics import TeacherAgreement  # noqa: E402
 from tests.conftest import DATA_DIR  # noqa: E402
 from tests.conftest import tiny_gemma3  # noqa: E402
 
@@ -23,7 +24,7 @@ BATCH_SIZE = 4
 def windows():
     """Real Tiny Shakespeare byte windows: `(x, labels, sample_weight)`."""
     text = (DATA_DIR / "tinyshakespeare.txt").read_text()[:2_000]
-    x, labels, weight = hub.language_model_windows(
+    x, labels, weight = language_models.language_model_windows(
         keras_hub.tokenizers.ByteTokenizer(), text, SEQUENCE_LENGTH,
         add_bos=False,
     )
@@ -58,7 +59,7 @@ def _distiller(
         policy = on_policy.OnPolicyGeneration(
             fraction=fraction, prompt_length=prompt_length, seed=seed, **config
         )
-    distiller = hub.CausalLMDistiller(student, teacher, on_policy=policy)
+    distiller = distillers.CausalLMDistiller(student, teacher, on_policy=policy)
     distiller.compile(
         optimizer=keras.optimizers.SGD(0.5),
         distillation_loss_fn=losses.GeneralizedJSD(beta=0.5),
@@ -193,7 +194,7 @@ def test_teacher_sequences_weight_the_continuation_only(models, windows):
         x["token_ids"][:, PROMPT_LENGTH], logits[:, -1].argmax(-1)
     )
     # Sequence-level distillation: hard crossentropy on the teacher's tokens.
-    distiller = hub.CausalLMDistiller(student, teacher)
+    distiller = distillers.CausalLMDistiller(student, teacher)
     distiller.compile(
         optimizer="sgd", student_loss_fn="sparse_categorical_crossentropy",
         alpha=1.0,
@@ -214,7 +215,7 @@ def test_config_round_trips(models):
     again = on_policy.OnPolicyGeneration.from_config(with_instance.get_config())
     assert again.sampler.p == 0.5 and again.sampler.temperature == 0.5
     student, teacher, _ = models
-    distiller = hub.CausalLMDistiller(student, teacher, on_policy=config)
+    distiller = distillers.CausalLMDistiller(student, teacher, on_policy=config)
     serialized = distiller.get_config()["on_policy"]
     assert keras.saving.deserialize_keras_object(serialized).get_config() == (
         config.get_config()
@@ -266,7 +267,7 @@ def test_beta_outside_unit_interval_is_refused():
 )
 def test_prompts_must_leave_room(models, windows, prompt_length, max_new_tokens, match):
     student, teacher, _ = models
-    distiller = hub.CausalLMDistiller(
+    distiller = distillers.CausalLMDistiller(
         student, teacher,
         on_policy=on_policy.OnPolicyGeneration(
             prompt_length=prompt_length, max_new_tokens=max_new_tokens
@@ -287,10 +288,10 @@ def test_on_policy_refusals(models, windows):
     student, teacher, _ = models
     config = on_policy.OnPolicyGeneration(prompt_length=PROMPT_LENGTH)
     with pytest.raises(ValueError, match="needs the `teacher` model"):
-        hub.CausalLMDistiller(student, None, on_policy=config)
+        distillers.CausalLMDistiller(student, None, on_policy=config)
     with pytest.raises(TypeError, match="`on_policy` must be"):
-        hub.CausalLMDistiller(student, teacher, on_policy=0.5)
-    distiller = hub.CausalLMDistiller(student, teacher, on_policy=config)
+        distillers.CausalLMDistiller(student, teacher, on_policy=0.5)
+    distiller = distillers.CausalLMDistiller(student, teacher, on_policy=config)
     with pytest.raises(ValueError, match="compiled `metrics`"):
         distiller.compile(optimizer="sgd", alpha=0.0, metrics=["accuracy"])
     # Teacher–student metrics see the generated batch, so they are allowed.
@@ -339,7 +340,7 @@ def instructions():
     `Gemma3CausalLMPreprocessor`: `(x, labels, sample_weight)`."""
     text = (DATA_DIR / "tinyshakespeare.txt").read_text()
     lines = [line for line in text.splitlines() if line.strip()][:4000]
-    tokenizer = hub.train_gemma3_tokenizer(lines, VOCABULARY_SIZE)
+    tokenizer = language_models.train_gemma3_tokenizer(lines, VOCABULARY_SIZE)
     prompts, responses = [], []
     for count in PROMPT_TOKENS:
         index = next(

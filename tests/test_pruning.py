@@ -1,12 +1,12 @@
-"""Students cut from a teacher's blocks and vocabulary (`keras_distill.pruning`)."""
+"""Students cut from a teacher's blocks and vocabulary (`keras_distill.language_models.pruning`)."""
 
 import keras
 import numpy as np
 import pytest
 
-from keras_distill import hub
-from keras_distill import pruning
-from keras_distill.cache import teacher_fingerprint
+from keras_distill import language_models
+from keras_distill.language_models import pruning
+from keras_distill.targets.cache import teacher_fingerprint
 from tests.conftest import DATA_DIR
 from tests.conftest import tiny_gemma3
 
@@ -132,7 +132,7 @@ def test_bert_backbone_keeps_evenly_spread_blocks():
 )
 def test_vocabulary_subset_teacher_logits_config_and_fingerprint():
     lines = (DATA_DIR / "tinyshakespeare.txt").read_text().splitlines()[:2000]
-    tokenizer = hub.train_gemma3_tokenizer([line for line in lines if line], 300)
+    tokenizer = language_models.train_gemma3_tokenizer([line for line in lines if line], 300)
     # A task with its preprocessor attached, as loaders return it.
     lm = tiny_gemma3(
         300, 16, num_layers=2,

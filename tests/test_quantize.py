@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import pytest
 
-from keras_distill import datasets
-from keras_distill import quantize
-from keras_distill.quantize import compare_quantized
-from keras_distill.quantize import quantize_student
-from keras_distill.quantize import quantized_layers
+from keras_distill.examples import datasets
+from keras_distill.extras import quantize
+from keras_distill.extras.quantize import compare_quantized
+from keras_distill.extras.quantize import quantize_student
+from keras_distill.extras.quantize import quantized_layers
 from tests.conftest import DATA_DIR
 
 

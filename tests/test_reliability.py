@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from keras_distill import Distiller
-from keras_distill import datasets
 from keras_distill import losses
-from keras_distill import sparse
-from keras_distill.cache import TeacherOutputCache
+from keras_distill import targets
+from keras_distill.examples import datasets
+from keras_distill.targets.cache import TeacherOutputCache
 
 NUM_FEATURES, NUM_CLASSES = 6, 4
 DATA_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -190,7 +190,7 @@ def _fit_with_y(y):
 def _top_k_with_reverse_kl():
     x, labels = make_data()
     teacher_logits = keras.ops.convert_to_numpy(make_model(1)(x))
-    log_probs, indices = sparse.top_k_teacher_targets(teacher_logits, 2)
+    log_probs, indices = targets.top_k_teacher_targets(teacher_logits, 2)
     distiller = _distiller_compile(distillation_loss_fn="reverse_kl")
     distiller.fit(
         x,
@@ -347,48 +347,48 @@ BAD_INPUTS = {
     ),
     # Top-k targets (sparse.py).
     "k zero": (
-        lambda tmp: sparse.top_k_teacher_targets(LOGITS, 0),
+        lambda tmp: targets.top_k_teacher_targets(LOGITS, 0),
         ValueError, "`k`",
     ),
     "k a float": (
-        lambda tmp: sparse.top_k_teacher_targets(LOGITS, 2.0),
+        lambda tmp: targets.top_k_teacher_targets(LOGITS, 2.0),
         TypeError, "`k`",
     ),
     "k above the vocabulary": (
-        lambda tmp: sparse.top_k_teacher_targets(LOGITS, NUM_CLASSES + 1),
+        lambda tmp: targets.top_k_teacher_targets(LOGITS, NUM_CLASSES + 1),
         ValueError, "`k`",
     ),
     "sampling seed a string": (
-        lambda tmp: sparse.sampled_teacher_targets(LOGITS, 2, seed="0"),
+        lambda tmp: targets.sampled_teacher_targets(LOGITS, 2, seed="0"),
         TypeError, "`seed`",
     ),
     "sparse tail unknown": (
-        lambda tmp: sparse.sparse_forward_kl(
+        lambda tmp: losses.sparse_forward_kl(
             TOP_LOG_PROBS, TOP_INDICES, LOGITS, tail="drop"
         ),
         ValueError, "`tail`",
     ),
     "sparse float indices": (
-        lambda tmp: sparse.sparse_forward_kl(
+        lambda tmp: losses.sparse_forward_kl(
             TOP_LOG_PROBS, TOP_INDICES.astype("float32"), LOGITS
         ),
         TypeError, "`teacher_top_indices`",
     ),
     "sparse shape mismatch": (
-        lambda tmp: sparse.sparse_forward_kl(
+        lambda tmp: losses.sparse_forward_kl(
             TOP_LOG_PROBS, TOP_INDICES[:, :1], LOGITS
         ),
         ValueError, "`teacher_top_log_probs`",
     ),
     "sparse bucket at another temperature": (
-        lambda tmp: sparse.sparse_forward_kl(
+        lambda tmp: losses.sparse_forward_kl(
             TOP_LOG_PROBS, TOP_INDICES, LOGITS, 2.0, tail="bucket",
             targets_temperature=1.0,
         ),
         ValueError, "targets_temperature",
     ),
     "sparse loss in float16": (
-        lambda tmp: sparse.SparseForwardKL(dtype="float16"),
+        lambda tmp: losses.SparseForwardKL(dtype="float16"),
         ValueError, "`dtype`",
     ),
     # The teacher-output cache.

@@ -9,7 +9,7 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-from keras_distill import hub  # noqa: E402
+from keras_distill import distillers  # noqa: E402
 from tests.conftest import tiny_gemma3  # noqa: E402
 
 VOCABULARY, SEQUENCE = 64, 8
@@ -46,7 +46,7 @@ def distiller(
             student = gemma(8, seed=2)
     else:
         student = gemma(8, seed=2)
-    model = hub.CausalLMDistiller(
+    model = distillers.CausalLMDistiller(
         student=student, teacher=teacher, fused_loss=fused_loss,
         chunk_size=6, vocabulary_chunk_size=32,
     )

@@ -72,7 +72,7 @@ def test_splits_are_disjoint_by_normalized_text(splits):
 
 
 def test_held_out_sentences_come_from_the_all_agree_file(splits):
-    from keras_distill.datasets import load_financial_phrasebank
+    from keras_distill.examples.datasets import load_financial_phrasebank
 
     with pytest.warns(UserWarning, match="line 38"):
         all_agree = load_financial_phrasebank(DATA_DIR, agreement="all")

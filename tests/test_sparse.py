@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 from keras_distill import losses
-from keras_distill import sparse
+from keras_distill.targets import top_k
 from tests.conftest import value_and_grad
 
 TEMPERATURES = (0.5, 1.0, 10.0)
@@ -121,7 +121,7 @@ def pad_targets(log_probs, indices, k):
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_top_k_targets_are_the_largest_log_probs(temperature):
     teacher, _ = random_logits(0)
-    log_probs, indices = sparse.top_k_teacher_targets(teacher, 3, temperature)
+    log_probs, indices = top_k.top_k_teacher_targets(teacher, 3, temperature)
     assert keras.backend.standardize_dtype(log_probs.dtype) == "float32"
     assert keras.backend.standardize_dtype(indices.dtype) == "int32"
     assert tuple(indices.shape) == (4, 3, 3)
@@ -138,7 +138,7 @@ def test_top_k_targets_are_the_largest_log_probs(temperature):
 
 def test_top_k_targets_of_extreme_logits_are_exact():
     teacher = np.array([[1e4, -1e4, 0.0, 5.0], [-1e4, 3.0, 1e4, 2.0]], "float32")
-    log_probs, indices = sparse.top_k_teacher_targets(teacher, 3, 0.5)
+    log_probs, indices = top_k.top_k_teacher_targets(teacher, 3, 0.5)
     np.testing.assert_array_equal(to_numpy(indices), [[0, 3, 2], [2, 1, 3]])
     expected = np.take_along_axis(
         np_log_softmax(teacher, 0.5), to_numpy(indices), axis=-1
@@ -150,7 +150,7 @@ def test_top_k_targets_of_extreme_logits_are_exact():
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_sampled_targets_are_distinct_teacher_entries(temperature):
     teacher, _ = random_logits(1)
-    log_probs, indices = sparse.sampled_teacher_targets(
+    log_probs, indices = top_k.sampled_teacher_targets(
         teacher, 3, seed=3, temperature=temperature
     )
     assert keras.backend.standardize_dtype(indices.dtype) == "int32"
@@ -166,7 +166,7 @@ def test_sampled_targets_are_distinct_teacher_entries(temperature):
         to_numpy(log_probs), expected, rtol=1e-5, atol=1e-6
     )
     # k = V draws every entry once: a permutation of the vocabulary.
-    _, everything = sparse.sampled_teacher_targets(teacher, 8, seed=4)
+    _, everything = top_k.sampled_teacher_targets(teacher, 8, seed=4)
     np.testing.assert_array_equal(
         np.sort(to_numpy(everything), axis=-1),
         np.broadcast_to(np.arange(8), SHAPE),
@@ -177,7 +177,7 @@ def test_sampled_targets_are_deterministic_for_a_seed():
     teacher, _ = random_logits(2)
 
     def draw(seed):
-        return to_numpy(sparse.sampled_teacher_targets(teacher, 3, seed)[1])
+        return to_numpy(top_k.sampled_teacher_targets(teacher, 3, seed)[1])
 
     np.testing.assert_array_equal(draw(7), draw(7))
     assert not np.array_equal(draw(7), draw(8))
@@ -199,7 +199,7 @@ def test_sampled_targets_follow_the_teacher_distribution():
     def draws(temperature):
         seed = keras.random.SeedGenerator(0)
         batches = [
-            sparse.sampled_teacher_targets(teacher, 3, seed, temperature)[1]
+            top_k.sampled_teacher_targets(teacher, 3, seed, temperature)[1]
             for _ in range(334)
         ]
         return np.concatenate([to_numpy(b).reshape(-1, 3) for b in batches])
@@ -231,13 +231,13 @@ def test_sparse_forward_kl_matches_numpy_reference(tail, temperature):
     teacher, student = random_logits(3)
     for extract in ("top_k", "sampled"):
         if extract == "top_k":
-            targets = sparse.top_k_teacher_targets(teacher, 3, temperature)
+            targets = top_k.top_k_teacher_targets(teacher, 3, temperature)
         else:
-            targets = sparse.sampled_teacher_targets(teacher, 3, 5, temperature)
+            targets = top_k.sampled_teacher_targets(teacher, 3, 5, temperature)
         expected = np_sparse_kl(
             teacher, to_numpy(targets[1]), student, temperature, tail
         )
-        per_position = sparse.sparse_forward_kl(
+        per_position = losses.sparse_forward_kl(
             *targets, student, temperature, tail=tail, reduction="none"
         )
         assert keras.backend.standardize_dtype(per_position.dtype) == "float32"
@@ -248,7 +248,7 @@ def test_sparse_forward_kl_matches_numpy_reference(tail, temperature):
             rtol=2e-5,
             atol=1e-6 * temperature**2,
         )
-        mean = sparse.sparse_forward_kl(*targets, student, temperature, tail=tail)
+        mean = losses.sparse_forward_kl(*targets, student, temperature, tail=tail)
         np.testing.assert_allclose(float(mean), expected.mean(), rtol=2e-5)
 
 
@@ -262,11 +262,11 @@ def test_k_equal_to_vocabulary_is_dense_forward_kl(tail, temperature):
     )
     # Sampling k = V entries gives them in a random order: same result.
     for targets in (
-        sparse.top_k_teacher_targets(teacher, 8, temperature),
-        sparse.sampled_teacher_targets(teacher, 8, 6, temperature),
+        top_k.top_k_teacher_targets(teacher, 8, temperature),
+        top_k.sampled_teacher_targets(teacher, 8, 6, temperature),
     ):
         value, grad = value_and_grad(
-            lambda s: sparse.sparse_forward_kl(
+            lambda s: losses.sparse_forward_kl(
                 *targets, s, temperature, tail=tail, reduction="sum"
             ),
             student,
@@ -294,9 +294,9 @@ def test_extreme_logits_are_exact_and_finite(tail, temperature):
     teacher[3, 2] = [2.0, 1.0, 0.5, -1.0, -2.0, -3.0, -4.0, -5.0]
     student[3, 2] = [1e4, 1e4, 1e4, -1e4, -1e4, -1e4, 0.0, -1e4]
     for k in (3, 8):
-        targets = sparse.top_k_teacher_targets(teacher, k, temperature)
+        targets = top_k.top_k_teacher_targets(teacher, k, temperature)
         value = to_numpy(
-            sparse.sparse_forward_kl(
+            losses.sparse_forward_kl(
                 *targets, student, temperature, tail=tail, reduction="none"
             )
         )
@@ -308,7 +308,7 @@ def test_extreme_logits_are_exact_and_finite(tail, temperature):
             value, expected, rtol=1e-5, atol=1e-6 * temperature**2
         )
         _, grad = value_and_grad(
-            lambda s: sparse.sparse_forward_kl(
+            lambda s: losses.sparse_forward_kl(
                 *targets, s, temperature, tail=tail, reduction="sum"
             ),
             student,
@@ -321,9 +321,9 @@ def test_classes_the_teacher_rules_out_are_exact(tail):
     # A -inf teacher logit gives a -inf log-probability: 0 · log 0 = 0.
     teacher, student = random_logits(5)
     teacher[..., 4] = -np.inf
-    targets = sparse.top_k_teacher_targets(teacher, 8, 2.0)
+    targets = top_k.top_k_teacher_targets(teacher, 8, 2.0)
     value, grad = value_and_grad(
-        lambda s: sparse.sparse_forward_kl(
+        lambda s: losses.sparse_forward_kl(
             *targets, s, 2.0, tail=tail, reduction="sum"
         ),
         student,
@@ -336,14 +336,14 @@ def test_classes_the_teacher_rules_out_are_exact(tail):
 @pytest.mark.parametrize("tail", TAILS)
 def test_padding_entries_change_nothing(tail):
     teacher, student = random_logits(14)
-    top_8 = sparse.top_k_teacher_targets(teacher, 8, 2.0)
+    top_8 = top_k.top_k_teacher_targets(teacher, 8, 2.0)
     log_probs, indices = pad_targets(*top_8, k=3)
     # One position is padding only, and masked out: finite, no NaN gradient.
     log_probs[0, 0] = -np.inf
     mask = np.ones(SHAPE[:-1], "float32")
     mask[0, 0] = 0.0
     value, grad = value_and_grad(
-        lambda s: sparse.sparse_forward_kl(
+        lambda s: losses.sparse_forward_kl(
             log_probs, indices, s, 2.0, tail=tail, sample_weight=mask,
             reduction="sum",
         ),
@@ -360,27 +360,27 @@ def test_padding_entries_change_nothing(tail):
 @pytest.mark.parametrize("temperature", (0.5, 10.0))
 def test_targets_stored_at_another_temperature_renormalize_exactly(temperature):
     teacher, student = random_logits(6)
-    stored = sparse.top_k_teacher_targets(teacher, 3)  # at T = 1
-    fresh = sparse.top_k_teacher_targets(teacher, 3, temperature)
-    resoftened = sparse.sparse_forward_kl(
+    stored = top_k.top_k_teacher_targets(teacher, 3)  # at T = 1
+    fresh = top_k.top_k_teacher_targets(teacher, 3, temperature)
+    resoftened = losses.sparse_forward_kl(
         *stored, student, temperature, reduction="none", targets_temperature=1.0
     )
     expected = np_sparse_kl(
         teacher, to_numpy(stored[1]), student, temperature, "renormalize"
     )
     np.testing.assert_allclose(to_numpy(resoftened), expected, rtol=2e-5)
-    direct = sparse.sparse_forward_kl(
+    direct = losses.sparse_forward_kl(
         *fresh, student, temperature, reduction="none"
     )
     np.testing.assert_allclose(to_numpy(resoftened), to_numpy(direct), rtol=2e-5)
     # The bucket needs the uncovered mass at T: it accepts matching targets
     # and refuses to guess from targets stored at another temperature.
-    sparse.sparse_forward_kl(
+    losses.sparse_forward_kl(
         *fresh, student, temperature, tail="bucket",
         targets_temperature=temperature,
     )
     with pytest.raises(ValueError, match="targets_temperature=1.0"):
-        sparse.sparse_forward_kl(
+        losses.sparse_forward_kl(
             *stored, student, temperature, tail="bucket",
             targets_temperature=1.0,
         )
@@ -389,16 +389,16 @@ def test_targets_stored_at_another_temperature_renormalize_exactly(temperature):
 @pytest.mark.parametrize("tail", TAILS)
 def test_sample_weight_is_a_normalized_weighted_mean(tail):
     teacher, student = random_logits(7)
-    targets = sparse.top_k_teacher_targets(teacher, 3, 2.0)
+    targets = top_k.top_k_teacher_targets(teacher, 3, 2.0)
     per_token = np_sparse_kl(teacher, to_numpy(targets[1]), student, 2.0, tail)
     weights = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0], [2, 1, 1]], "float32")
-    value = sparse.sparse_forward_kl(
+    value = losses.sparse_forward_kl(
         *targets, student, 2.0, tail=tail, sample_weight=weights
     )
     np.testing.assert_allclose(
         float(value), (per_token * weights).sum() / weights.sum(), rtol=2e-5
     )
-    summed = sparse.sparse_forward_kl(
+    summed = losses.sparse_forward_kl(
         *targets, student, 2.0, tail=tail, sample_weight=weights,
         reduction="sum",
     )
@@ -407,7 +407,7 @@ def test_sample_weight_is_a_normalized_weighted_mean(tail):
     )
     # Per-example weights broadcast over the token axis.
     example_weights = np.array([1, 0, 1, 1], "float32")
-    value = sparse.sparse_forward_kl(
+    value = losses.sparse_forward_kl(
         *targets, student, 2.0, tail=tail, sample_weight=example_weights
     )
     np.testing.assert_allclose(
@@ -418,10 +418,10 @@ def test_sample_weight_is_a_normalized_weighted_mean(tail):
 @pytest.mark.parametrize("tail", TAILS)
 def test_empty_mask_gives_finite_zero_and_zero_gradient(tail):
     teacher, student = random_logits(8)
-    targets = sparse.top_k_teacher_targets(teacher, 3, 2.0)
+    targets = top_k.top_k_teacher_targets(teacher, 3, 2.0)
     mask = np.zeros(SHAPE[:-1], "float32")
     value, grad = value_and_grad(
-        lambda s: sparse.sparse_forward_kl(
+        lambda s: losses.sparse_forward_kl(
             *targets, s, 2.0, tail=tail, sample_weight=mask
         ),
         student,
@@ -434,7 +434,7 @@ def test_error_against_dense_shrinks_as_k_grows():
     # Synthetic LM-like teacher over V = 1000 tokens (see `lm_like_logits`).
     teacher, student = lm_like_logits()
     dense = float(losses.forward_kl(teacher, student))
-    top_log_probs, top_indices = sparse.top_k_teacher_targets(teacher, 256)
+    top_log_probs, top_indices = top_k.top_k_teacher_targets(teacher, 256)
     errors = {}
     for tail in TAILS:
         values = []
@@ -443,7 +443,7 @@ def test_error_against_dense_shrinks_as_k_grows():
             # shape): see `test_padding_entries_change_nothing`.
             targets = pad_targets(top_log_probs, top_indices, k)
             values.append(
-                float(sparse.sparse_forward_kl(*targets, student, tail=tail))
+                float(losses.sparse_forward_kl(*targets, student, tail=tail))
             )
         errors[tail] = [abs(v - dense) / dense for v in values]
         if tail == "bucket":
@@ -474,32 +474,32 @@ def test_error_against_dense_shrinks_as_k_grows():
 def test_bad_extraction_arguments_are_named(kwargs, error, match):
     teacher, _ = random_logits(9)
     with pytest.raises(error, match=match):
-        sparse.top_k_teacher_targets(teacher, **kwargs)
+        top_k.top_k_teacher_targets(teacher, **kwargs)
     with pytest.raises(error, match=match):
-        sparse.sampled_teacher_targets(teacher, seed=0, **kwargs)
+        top_k.sampled_teacher_targets(teacher, seed=0, **kwargs)
 
 
 @pytest.mark.parametrize("seed", [None, "0", 1.5, True])
 def test_bad_seed_is_named(seed):
     teacher, _ = random_logits(9)
     with pytest.raises(TypeError, match="`seed` must be"):
-        sparse.sampled_teacher_targets(teacher, 2, seed)
+        top_k.sampled_teacher_targets(teacher, 2, seed)
 
 
 def _bad_loss_call(case):
     teacher, student = random_logits(10)
-    log_probs, indices = sparse.top_k_teacher_targets(teacher, 3)
+    log_probs, indices = top_k.top_k_teacher_targets(teacher, 3)
     log_probs, indices = to_numpy(log_probs), to_numpy(indices)
     if case == "shape_mismatch":
-        return sparse.sparse_forward_kl(log_probs[..., :2], indices, student)
+        return losses.sparse_forward_kl(log_probs[..., :2], indices, student)
     if case == "float_indices":
-        return sparse.sparse_forward_kl(
+        return losses.sparse_forward_kl(
             log_probs, indices.astype("float32"), student
         )
     if case == "positions":
-        return sparse.sparse_forward_kl(log_probs, indices, student[:, :2])
+        return losses.sparse_forward_kl(log_probs, indices, student[:, :2])
     if case == "k_above_vocabulary":
-        return sparse.sparse_forward_kl(
+        return losses.sparse_forward_kl(
             np.zeros((4, 3, 9), "float32"), np.zeros((4, 3, 9), "int32"),
             student,
         )
@@ -509,7 +509,7 @@ def _bad_loss_call(case):
         "temperature": {"temperature": 0.0},
         "targets_temperature": {"targets_temperature": -2.0},
     }[case]
-    return sparse.sparse_forward_kl(log_probs, indices, student, **arguments)
+    return losses.sparse_forward_kl(log_probs, indices, student, **arguments)
 
 
 @pytest.mark.parametrize(
@@ -536,31 +536,31 @@ def test_bad_loss_arguments_are_named(case, error, match):
 def test_pack_and_unpack_round_trip_large_indices():
     log_probs = np.array([[-0.1, -2.5, -7.0]], "float32")
     indices = np.array([[262_143, 0, 16_777_215]], "int32")
-    packed = sparse.pack_sparse_targets(log_probs, indices)
+    packed = top_k.pack_sparse_targets(log_probs, indices)
     assert tuple(packed.shape) == (1, 6)
-    unpacked_log_probs, unpacked_indices = sparse.unpack_sparse_targets(packed)
+    unpacked_log_probs, unpacked_indices = top_k.unpack_sparse_targets(packed)
     np.testing.assert_array_equal(to_numpy(unpacked_log_probs), log_probs)
     np.testing.assert_array_equal(to_numpy(unpacked_indices), indices)
     with pytest.raises(ValueError, match="even"):
-        sparse.unpack_sparse_targets(np.zeros((2, 5), "float32"))
+        top_k.unpack_sparse_targets(np.zeros((2, 5), "float32"))
     with pytest.raises(TypeError, match="float32"):
-        sparse.unpack_sparse_targets(np.zeros((2, 4), "int32"))
+        top_k.unpack_sparse_targets(np.zeros((2, 4), "int32"))
 
 
 @pytest.mark.parametrize("tail", TAILS)
 def test_loss_object_matches_function_and_round_trips(tail):
     teacher, student = random_logits(11)
-    targets = sparse.top_k_teacher_targets(teacher, 3, 2.0)
+    targets = top_k.top_k_teacher_targets(teacher, 3, 2.0)
     weights = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [2, 1, 1]], "float32")
-    loss = sparse.SparseForwardKL(temperature=2.0, tail=tail)
+    loss = losses.SparseForwardKL(temperature=2.0, tail=tail)
     # Keras's default reduction: sum(w · d) / number of positions.
     per_position = to_numpy(
-        sparse.sparse_forward_kl(
+        losses.sparse_forward_kl(
             *targets, student, 2.0, tail=tail, reduction="none"
         )
     )
     expected = (per_position * weights).sum() / weights.size
-    packed = sparse.pack_sparse_targets(*targets)
+    packed = top_k.pack_sparse_targets(*targets)
     as_dict = {"top_log_probs": targets[0], "top_indices": targets[1]}
     for y_true in (packed, as_dict):
         np.testing.assert_allclose(
@@ -569,21 +569,21 @@ def test_loss_object_matches_function_and_round_trips(tail):
         )
     config = loss.get_config()
     assert config["tail"] == tail and config["temperature"] == 2.0
-    restored = sparse.SparseForwardKL.from_config(config)
+    restored = losses.SparseForwardKL.from_config(config)
     assert restored.get_config() == config
     # What `serialize_keras_object` writes for a registered class (built by
     # hand: its first call spends seconds importing optional modules).
-    name = keras.saving.get_registered_name(sparse.SparseForwardKL)
+    name = keras.saving.get_registered_name(losses.SparseForwardKL)
     assert name == "keras_distill>SparseForwardKL"
     revived = keras.saving.deserialize_keras_object(
         {
-            "module": "keras_distill.sparse",
+            "module": "keras_distill.losses.sparse",
             "class_name": "SparseForwardKL",
             "config": config,
             "registered_name": name,
         }
     )
-    assert type(revived) is sparse.SparseForwardKL
+    assert type(revived) is losses.SparseForwardKL
     assert revived.get_config() == config
     np.testing.assert_allclose(
         float(revived(packed, student)), per_position.mean(), rtol=1e-6
@@ -592,15 +592,15 @@ def test_loss_object_matches_function_and_round_trips(tail):
 
 def test_bad_loss_object_arguments_are_named():
     with pytest.raises(ValueError, match="`tail`"):
-        sparse.SparseForwardKL(tail="drop")
+        losses.SparseForwardKL(tail="drop")
     with pytest.raises(ValueError, match="`temperature`"):
-        sparse.SparseForwardKL(temperature=0.0)
+        losses.SparseForwardKL(temperature=0.0)
     with pytest.raises(ValueError, match="`targets_temperature`"):
-        sparse.SparseForwardKL(targets_temperature=0.0)
+        losses.SparseForwardKL(targets_temperature=0.0)
     with pytest.raises(ValueError, match="float32"):
-        sparse.SparseForwardKL(dtype="float16")
+        losses.SparseForwardKL(dtype="float16")
     with pytest.raises(ValueError, match='"top_log_probs" and "top_indices"'):
-        sparse.SparseForwardKL()(
+        losses.SparseForwardKL()(
             {"log_probs": np.zeros((1, 2))}, np.zeros((1, 4))
         )
 
@@ -608,13 +608,13 @@ def test_bad_loss_object_arguments_are_named():
 def test_loss_object_trains_a_keras_model_on_sparse_targets():
     # The bucket tail: its class mask is a scatter inside the compiled step.
     teacher, _ = random_logits(12, shape=(32, 16))
-    targets = sparse.top_k_teacher_targets(teacher, 4)
-    y = to_numpy(sparse.pack_sparse_targets(*targets))
+    targets = top_k.top_k_teacher_targets(teacher, 4)
+    y = to_numpy(top_k.pack_sparse_targets(*targets))
     features = np.eye(32, dtype="float32")
     model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(16)])
     model.compile(
         optimizer=keras.optimizers.Adam(0.1),
-        loss=sparse.SparseForwardKL(tail="bucket"),
+        loss=losses.SparseForwardKL(tail="bucket"),
     )
     before = model.evaluate(features, y, verbose=0)
     model.fit(features, y, batch_size=16, epochs=25, verbose=0)

@@ -9,30 +9,31 @@ over real tokens only. Which tokens are real comes from the padding mask (or
 also its end-of-sequence id still trains on the real end-of-sequence token.
 """
 
-import hashlib
-import logging
-
 import keras
 import numpy as np
 from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
-from keras_distill import callbacks
-from keras_distill import distiller as distiller_module
-from keras_distill import fused
-from keras_distill import losses
-from keras_distill import on_policy as on_policy_module
-from keras_distill.distiller import TEACHER_LOGITS
-from keras_distill.distiller import TEACHER_TOP_INDICES
-from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
-from keras_distill.distiller import Distiller
-from keras_distill.distiller import _is_keras_kl
-from keras_distill.distiller import single_sample_weight
-from keras_distill.distiller import split_targets
-from keras_distill.losses import DistillationLoss
-
-logger = logging.getLogger(__name__)
-
+from keras_distill.distillers import distiller
+from keras_distill.distillers import on_policy as on_policy_module
+from keras_distill.distillers.distiller import Distiller
+from keras_distill.distillers.distiller import _is_keras_kl
+from keras_distill.distillers.distiller import single_sample_weight
+from keras_distill.distillers.distiller import split_targets
+from keras_distill.language_models.hub import _check_causal_lm
+from keras_distill.language_models.hub import _keras_hub
+from keras_distill.language_models.hub import _output_embedding
+from keras_distill.language_models.hub import _soft_cap
+from keras_distill.language_models.hub import _vocabulary_size
+from keras_distill.language_models.hub import shared_vocabulary
+from keras_distill.losses import divergences
+from keras_distill.losses import fused
+from keras_distill.losses import weighting
+from keras_distill.losses.divergences import DistillationLoss
+from keras_distill.metrics import TeacherStudentMetric
+from keras_distill.targets.keys import TEACHER_LOGITS
+from keras_distill.targets.keys import TEACHER_TOP_INDICES
+from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
 
 # A finite stand-in for a -inf teacher logit in the fused loss: exp of it
 # (over any temperature above 1e-8) is exactly 0 in float32, and it leaves
@@ -40,182 +41,23 @@ logger = logging.getLogger(__name__)
 _MINUS_INF_STAND_IN = -1e30
 
 
-def _keras_hub():
-    try:
-        import keras_hub
-    except ImportError as error:
-        raise ImportError(
-            "Distilling KerasHub models needs keras-hub: "
-            "`pip install 'keras-distill[hub]'`."
-        ) from error
-    return keras_hub
-
-
-def vocabulary_fingerprint(tokenizer):
-    """A hash of a tokenizer's vocabulary: equal hashes mean equal token ids.
-
-    Args:
-        tokenizer: A `keras_hub.tokenizers.Tokenizer`.
-
-    Returns:
-        A hex SHA-256 digest of the vocabulary in id order.
-
-    Example:
-
-    >>> import keras_hub
-    >>> tokenizer = keras_hub.tokenizers.ByteTokenizer()
-    >>> len(vocabulary_fingerprint(tokenizer))
-    64
-    """
-    digest = hashlib.sha256()
-    for token in tokenizer.get_vocabulary():
-        digest.update(str(token).encode("utf-8"))
-        digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def _tokenizer(causal_lm):
-    preprocessor = getattr(causal_lm, "preprocessor", None)
-    return getattr(preprocessor, "tokenizer", None)
-
-
-def _vocabulary_size(causal_lm):
-    return causal_lm.backbone.vocabulary_size
-
-
-def _check_causal_lm(name, model):
-    keras_hub = _keras_hub()
-    if not isinstance(model, keras_hub.models.CausalLM):
-        raise TypeError(
-            f"`{name}` must be a `keras_hub.models.CausalLM` (e.g. "
-            f"`keras_hub.models.Gemma3CausalLM.from_preset(...)`), got "
-            f"{type(model).__name__}. Plain Keras models distill with "
-            "`keras_distill.Distiller`."
-        )
-
-
-def _check_vocabulary_mapping(mapping, student_size, teacher_size):
-    mapping = np.asarray(mapping)
-    if mapping.ndim != 1 or not np.issubdtype(mapping.dtype, np.integer):
-        raise ValueError(
-            "`vocabulary_mapping` must be a 1-D integer array: entry i is the "
-            f"teacher's token id for the student's token i. Got shape "
-            f"{mapping.shape} and dtype {mapping.dtype}."
-        )
-    if len(mapping) != student_size:
-        raise ValueError(
-            f"`vocabulary_mapping` has {len(mapping)} entries but the "
-            f"student's vocabulary has {student_size} tokens; give one "
-            "teacher id per student token."
-        )
-    if mapping.min() < 0 or mapping.max() >= teacher_size:
-        raise ValueError(
-            "`vocabulary_mapping` holds ids outside the teacher's vocabulary "
-            f"[0, {teacher_size}): min {mapping.min()}, max {mapping.max()}."
-        )
-    return mapping.astype("int32")
-
-
-def shared_vocabulary(student, teacher, vocabulary_mapping=None):
-    """Checks that teacher and student score the same tokens.
-
-    Identical tokenizers whose embedding tables are padded to different sizes
-    share the tokenizer's vocabulary: logits are sliced to it. Different
-    tokenizers are refused unless `vocabulary_mapping` says which teacher
-    token each student token is.
-
-    Args:
-        student: The student `keras_hub.models.CausalLM`.
-        teacher: The teacher `keras_hub.models.CausalLM`.
-        vocabulary_mapping: Optional 1-D integer array, the teacher's token id
-            for each of the student's token ids.
-
-    Returns:
-        `(vocabulary_size, vocabulary_mapping)`: the number of leading token
-        ids both models' logits are compared over, and the checked mapping
-        (or `None`).
-
-    Raises:
-        ValueError: if the vocabularies differ and no mapping is given.
-    """
-    student_size = _vocabulary_size(student)
-    teacher_size = _vocabulary_size(teacher)
-    if vocabulary_mapping is not None:
-        mapping = _check_vocabulary_mapping(
-            vocabulary_mapping, student_size, teacher_size
-        )
-        return student_size, mapping
-    student_tokenizer, teacher_tokenizer = _tokenizer(student), _tokenizer(teacher)
-    tokenizers_known = None not in (student_tokenizer, teacher_tokenizer)
-    if tokenizers_known and vocabulary_fingerprint(
-        student_tokenizer
-    ) != vocabulary_fingerprint(teacher_tokenizer):
-        raise ValueError(
-            "Teacher and student tokenizers differ (teacher vocabulary "
-            f"{teacher_tokenizer.vocabulary_size()} tokens, student "
-            f"{student_tokenizer.vocabulary_size()}, different token lists): "
-            "the same id means different text, so their distributions cannot "
-            "be compared token by token. Use a student with the teacher's "
-            "tokenizer, or pass `vocabulary_mapping` (the teacher id of each "
-            "student token)."
-        )
-    if student_size == teacher_size:
-        return student_size, None
-    if not tokenizers_known:
-        raise ValueError(
-            f"Teacher vocabulary has {teacher_size} tokens, student "
-            f"{student_size}. If both use the same tokenizer with padded "
-            "embedding tables, attach their preprocessors (as `from_preset` "
-            "does) so the tokenizers can be checked; otherwise pass "
-            "`vocabulary_mapping`."
-        )
-    size = student_tokenizer.vocabulary_size()
-    if size > min(student_size, teacher_size):
-        raise ValueError(
-            f"The tokenizer has {size} tokens but the teacher's embedding "
-            f"table {teacher_size} and the student's {student_size} rows."
-        )
-    logger.info(
-        "Teacher (%d) and student (%d) embedding tables are padded "
-        "differently around the same %d-token tokenizer; distilling over "
-        "the %d shared tokens.",
-        teacher_size,
-        student_size,
-        size,
-        size,
-    )
-    return size, None
-
-
-def _output_embedding(backbone):
-    """The `(vocabulary_size, hidden_dim)` matrix that maps a backbone's hidden states to logits."""
-    token_embedding = backbone.token_embedding
-    if getattr(token_embedding, "tie_weights", True):
-        return token_embedding.embeddings
-    return ops.transpose(token_embedding.reverse_embeddings)
-
-
-def _soft_cap(backbone):
-    return getattr(backbone.token_embedding, "logit_soft_cap", None)
-
-
 def _fused_divergence(loss):
     """The name and arguments of a divergence the fused loss computes."""
     if loss is None or _is_keras_kl(loss):
         return "forward_kl", {}
-    if isinstance(loss, str) and loss in losses.DIVERGENCES:
+    if isinstance(loss, str) and loss in divergences.DIVERGENCES:
         return loss, {}
     kwargs = {}
     if isinstance(loss, DistillationLoss):
         kwargs = dict(loss.divergence_kwargs)
         loss = loss.divergence
-    for name, function in losses.DIVERGENCES.items():
+    for name, function in divergences.DIVERGENCES.items():
         if loss is function:
             return name, kwargs
     raise ValueError(
         "With fused_loss=True the divergence is computed tile by tile, so "
         "`distillation_loss_fn` must be one of keras_distill.losses "
-        f"({sorted(losses.DIVERGENCES)}, by name, function or class) or "
+        f"({sorted(divergences.DIVERGENCES)}, by name, function or class) or "
         f"Keras's KL; got {loss!r}."
     )
 
@@ -249,7 +91,7 @@ class CausalLMDistiller(Distiller):
             id for each student token, for tokenizers that differ.
         fused_loss: If True, the loss is computed from the models' last
             hidden states and output embeddings a tile of tokens by
-            vocabulary at a time (`keras_distill.fused`), and full logits of
+            vocabulary at a time (`keras_distill.losses.fused`), and full logits of
             either model are never materialized: for large vocabularies
             (Gemma's 262,144). Calling the Distiller then returns the
             student's hidden states (`predict` and `distiller.student` still
@@ -257,7 +99,7 @@ class CausalLMDistiller(Distiller):
         chunk_size: Tokens per tile of the fused loss (None: its default).
         vocabulary_chunk_size: Vocabulary entries per tile of the fused loss
             (None: its default).
-        on_policy: Optional `keras_distill.on_policy.OnPolicyGeneration`:
+        on_policy: Optional `keras_distill.distillers.on_policy.OnPolicyGeneration`:
             a share of the steps then distills on the student's own
             continuations of the batch's prompts, weighting the generated
             tokens only (on-policy distillation; see that module). `fit`
@@ -301,7 +143,7 @@ class CausalLMDistiller(Distiller):
         if on_policy is not None:
             if not isinstance(on_policy, on_policy_module.OnPolicyGeneration):
                 raise TypeError(
-                    "`on_policy` must be a keras_distill.on_policy."
+                    "`on_policy` must be a keras_distill.distillers.on_policy."
                     f"OnPolicyGeneration, got {type(on_policy).__name__}."
                 )
             if teacher is None:
@@ -422,7 +264,7 @@ class CausalLMDistiller(Distiller):
         if self.on_policy is not None:
             student_metrics = [
                 m for m in [*(metrics or []), *(kwargs.get("weighted_metrics") or [])]
-                if not isinstance(m, callbacks.TeacherStudentMetric)
+                if not isinstance(m, TeacherStudentMetric)
             ]
             if student_metrics:
                 raise ValueError(
@@ -476,7 +318,7 @@ class CausalLMDistiller(Distiller):
         value = ops.take(ops.reshape(token_ids, (-1,)), first_bad)
         x = dict(x, token_ids=ops.where(valid, token_ids, 0))
         failed = ops.logical_not(ops.all(valid))
-        return x, [(distiller_module._TOKEN_OUT_OF_RANGE, failed, value, size)]
+        return x, [(distiller._TOKEN_OUT_OF_RANGE, failed, value, size)]
 
     def _teacher_logits(self, x):
         logits = super()._teacher_logits(x)
@@ -497,7 +339,7 @@ class CausalLMDistiller(Distiller):
             # keeps its zeros.
             mask = ops.cast(x["padding_mask"], "float32")
             sample_weight = mask if sample_weight is None else (
-                losses.broadcast_weights(sample_weight, mask) * mask
+                weighting.broadcast_weights(sample_weight, mask) * mask
             )
         if training and self._generated_batch is not None:
             x, y, sample_weight = self._generated_batch.select(
@@ -530,7 +372,7 @@ class CausalLMDistiller(Distiller):
 
         With `on_policy`, `x` must be a dict of NumPy `"token_ids"` and
         `"padding_mask"` arrays and `y` the labels; the batches are cut here
-        (`keras_distill.on_policy.TrainingBatches`) and an
+        (`keras_distill.distillers.on_policy.TrainingBatches`) and an
         `on_policy.OnPolicyGenerator` callback generates the on-policy ones
         and logs `on_policy_fraction`, `generation_time_share` and
         `generated_tokens_per_second`.
@@ -674,7 +516,7 @@ class CausalLMDistiller(Distiller):
                 "hard-label loss: pass labels, or compile with alpha=0."
             )
         x, checks = self._checked_inputs(x)
-        real = losses.real_positions(sample_weight, hidden_states)
+        real = weighting.real_positions(sample_weight, hidden_states)
         if labels is not None:
             labels, label_checks = self._checked_labels(
                 labels, sample_weight, self._vocabulary_size
@@ -709,7 +551,7 @@ class CausalLMDistiller(Distiller):
         )
         if training:
             loss = self._normalize_over_accumulation(
-                loss, losses.token_count(sample_weight, hidden_states)
+                loss, weighting.token_count(sample_weight, hidden_states)
             )
         return scale_loss_for_distribution(loss)
 
@@ -735,117 +577,3 @@ def _as_prompts_and_responses(preprocessor, texts):
     if isinstance(preprocessor, keras_hub.models.Gemma3CausalLMPreprocessor):
         return {"prompts": [""] * len(texts), "responses": texts}
     return texts
-
-
-def language_model_windows(tokenizer, text, sequence_length, add_bos=True):
-    """Cuts one long text into next-token training windows.
-
-    The text is tokenized once and split into consecutive, non-overlapping
-    windows of `sequence_length + 1` tokens; each gives the inputs (its first
-    `sequence_length` tokens) and the labels (the same shifted by one). All
-    tokens are real, so `padding_mask` and `sample_weight` are all ones. The
-    leftover tokens at the end are dropped.
-
-    Args:
-        tokenizer: A `keras_hub.tokenizers.Tokenizer`.
-        text: The text, one string.
-        sequence_length: Tokens per window.
-        add_bos: Whether each window starts with the tokenizer's start
-            token (`start_token_id`), as KerasHub preprocessors do.
-
-    Returns:
-        `(x, labels, sample_weight)`: `x` a dict of `"token_ids"` (int32) and
-        `"padding_mask"` (bool) of shape `(windows, sequence_length)`.
-
-    Example:
-
-    >>> import keras_hub
-    >>> tokenizer = keras_hub.tokenizers.ByteTokenizer()
-    >>> x, labels, weight = language_model_windows(
-    ...     tokenizer, "To be, or not to be", sequence_length=4, add_bos=False)
-    >>> x["token_ids"].shape, labels[0].tolist()
-    ((3, 4), [111, 32, 98, 101])
-    """
-    losses.check_positive_int("sequence_length", sequence_length)
-    token_ids = np.asarray(ops.convert_to_numpy(tokenizer(text)), "int32")
-    window = sequence_length + 1
-    start_token_id = getattr(tokenizer, "start_token_id", None)
-    if add_bos and start_token_id is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no start token; pass "
-            "add_bos=False."
-        )
-    body = window - 1 if add_bos else window
-    count = len(token_ids) // body
-    if count == 0:
-        raise ValueError(
-            f"The text has {len(token_ids)} tokens, fewer than one window of "
-            f"{body}; pass a longer text or a smaller `sequence_length`."
-        )
-    windows = token_ids[: count * body].reshape(count, body)
-    if add_bos:
-        windows = np.concatenate(
-            [np.full((count, 1), start_token_id, "int32"), windows], axis=1
-        )
-    x = {
-        "token_ids": windows[:, :-1],
-        "padding_mask": np.ones((count, sequence_length), "bool"),
-    }
-    return x, windows[:, 1:], np.ones((count, sequence_length), "float32")
-
-
-# Gemma 3's SentencePiece model keeps its special pieces at these ids.
-_GEMMA3_SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
-_GEMMA3_USER_SYMBOLS = [
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "<start_of_image>",
-    "<end_of_image>",
-    "<img>",
-]
-
-
-def train_gemma3_tokenizer(lines, vocabulary_size):
-    """Trains a small `Gemma3Tokenizer` on text, for offline experiments.
-
-    Gemma 3's tokenizer expects `<pad>`, `<eos>`, `<bos>` and `<unk>` at ids
-    0 to 3 and its turn and image markers as user-defined pieces; the
-    `sentencepiece` trainer is told so explicitly.
-
-    Args:
-        lines: An iterable of training sentences.
-        vocabulary_size: Number of tokens, at least 16.
-
-    Returns:
-        A `keras_hub.models.Gemma3Tokenizer`.
-
-    Example:
-
-    >>> tokenizer = train_gemma3_tokenizer(
-    ...     ["to be or not to be", "that is the question"] * 50, 24)
-    >>> tokenizer.vocabulary_size(), tokenizer.pad_token_id, tokenizer.end_token_id
-    (24, 0, 1)
-    """
-    import io
-
-    import sentencepiece
-
-    if not isinstance(vocabulary_size, int) or vocabulary_size < 16:
-        raise ValueError(
-            f"`vocabulary_size` must be an integer >= 16, got {vocabulary_size!r}."
-        )
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(lines)),
-        model_writer=model,
-        vocab_size=vocabulary_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        **{f"{name}_piece": piece for name, piece in _GEMMA3_SPECIAL_PIECES.items()},
-        user_defined_symbols=_GEMMA3_USER_SYMBOLS,
-        minloglevel=2,
-    )
-    return _keras_hub().models.Gemma3Tokenizer(proto=model.getvalue())

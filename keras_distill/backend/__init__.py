@@ -6,7 +6,7 @@ a custom gradient and in-place buffer updates have no `keras.ops` form.
 `chunked_loss` evaluates a loss over the logits of `rows` (tokens) tile by
 tile: a tile is `chunk_size` rows by `block_size` classes, its logits either a
 slice of materialized logits or `rows_chunk @ embedding_block.T`. The loss
-object (`keras_distill.fused` defines them) supplies the maths on one tile as
+object (`keras_distill.losses.fused` defines them) supplies the maths on one tile as
 pure `keras.ops` functions; this module runs the loops and the custom
 gradient:
 
@@ -42,6 +42,8 @@ Tile = collections.namedtuple(
     "Tile",
     ["logits", "offset", "row_constants", "tile_constants", "class_constants"],
 )
+
+
 Tile.__doc__ = """One tile of logits and the constants that go with it.
 
 Fields:

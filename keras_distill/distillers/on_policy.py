@@ -1,7 +1,7 @@
 """On-policy and sequence-level distillation for KerasHub causal LMs.
 
 Token-level distillation trains the student on a fixed corpus, text it would
-never write itself. Two remedies, both for `keras_distill.hub.
+never write itself. Two remedies, both for `keras_distill.distillers.
 CausalLMDistiller`:
 
 - On-policy (GKD-style): `CausalLMDistiller(..., on_policy=
@@ -42,18 +42,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_distill import losses
+from keras_distill import checks
+from keras_distill.language_models.hub import _keras_hub
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p")
+
+
 # `OnPolicyGeneration(prompt_length=...)` for per-row prompts read from the
 # batch's `sample_weight`.
 PROMPT_FROM_SAMPLE_WEIGHT = "sample_weight"
-
-
-def _keras_hub():
-    from keras_distill.hub import _keras_hub
-
-    return _keras_hub()
 
 
 def make_sampler(sampler, temperature=1.0, seed=None):
@@ -76,9 +73,9 @@ def make_sampler(sampler, temperature=1.0, seed=None):
     """
     samplers = _keras_hub().samplers
     if isinstance(sampler, samplers.Sampler):
-        losses.check_positive_number("temperature", sampler.temperature)
+        checks.check_positive_number("temperature", sampler.temperature)
         return sampler
-    losses.check_positive_number("temperature", temperature)
+    checks.check_positive_number("temperature", temperature)
     if sampler == "greedy":
         return samplers.GreedySampler(temperature=temperature)
     classes = {
@@ -389,16 +386,16 @@ def generate_sequences(
     >>> weight.tolist()[0]
     [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     """
-    from keras_distill.hub import _check_causal_lm
+    from keras_distill.language_models.hub import _check_causal_lm
 
     _check_causal_lm("causal_lm", causal_lm)
     prompt_ids, prompt_mask = _as_prompts(prompts)
-    losses.check_positive_int("max_new_tokens", max_new_tokens)
-    losses.check_positive_int("batch_size", batch_size)
+    checks.check_positive_int("max_new_tokens", max_new_tokens)
+    checks.check_positive_int("batch_size", batch_size)
     prompt_length = prompt_ids.shape[1]
     if sequence_length is None:
         sequence_length = prompt_length + max_new_tokens
-    losses.check_positive_int("sequence_length", sequence_length)
+    checks.check_positive_int("sequence_length", sequence_length)
     _check_room(prompt_length, max_new_tokens, sequence_length)
     generator = SequenceGenerator(
         causal_lm, make_sampler(sampler, temperature, seed), stop_token_ids
@@ -484,7 +481,7 @@ class OnPolicyGeneration:
         seed=None,
         stop_token_ids=None,
     ):
-        losses.check_unit_interval("fraction", fraction)
+        checks.check_unit_interval("fraction", fraction)
         if isinstance(prompt_length, str):
             if prompt_length != PROMPT_FROM_SAMPLE_WEIGHT:
                 raise ValueError(
@@ -493,8 +490,8 @@ class OnPolicyGeneration:
                     f"from `fit`'s `sample_weight`), got {prompt_length!r}."
                 )
         else:
-            losses.check_positive_int("prompt_length", prompt_length)
-        losses.check_positive_int(
+            checks.check_positive_int("prompt_length", prompt_length)
+        checks.check_positive_int(
             "max_new_tokens", max_new_tokens, allow_none=True
         )
         if seed is not None and (

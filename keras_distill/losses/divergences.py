@@ -23,91 +23,18 @@ Conventions shared by every divergence:
 """
 
 import math
-import numbers
 
 import keras
 from keras import ops
 
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def check_positive_number(name, value):
-    """Raises unless `value` is a finite Python number greater than 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a Python number greater than 0, "
-            f"got {value!r} of type {type(value).__name__}."
-        )
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"`{name}` must be a finite number greater than 0 (e.g. 1.0 to "
-            f"10.0), got {value!r}."
-        )
-
-
-def check_positive_int(name, value, allow_none=False):
-    """Raises unless `value` is a Python int of at least 1.
-
-    Args:
-        name: The argument's name, quoted in the error message.
-        value: The value to check.
-        allow_none: Whether `None` (the argument's default) is accepted too.
-
-    Raises:
-        TypeError: If `value` is not a Python int, or is a bool.
-        ValueError: If `value` is an int below 1.
-
-    Example:
-
-    >>> check_positive_int("batch_size", 32)
-    >>> check_positive_int("batch_size", 0)
-    Traceback (most recent call last):
-        ...
-    ValueError: `batch_size` must be a Python int >= 1, got 0.
-    """
-    if value is None and allow_none:
-        return
-    expected = "a Python int >= 1"
-    if allow_none:
-        expected += " or None (the default)"
-    # Python ints only: a NumPy integer breaks JSON configs and some
-    # TensorFlow index ops.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"`{name}` must be {expected}, got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    if value < 1:
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
-
-
-def _check_temperature(temperature):
-    check_positive_number("temperature", temperature)
-
-
-def check_reduction(reduction):
-    """Raises unless `reduction` is one of `REDUCTIONS`."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}."
-        )
-
-
-def check_unit_interval(name, value, include_one=True):
-    """Raises unless `value` is a Python number in [0, 1] (or [0, 1))."""
-    upper = "1]" if include_one else "1)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a Python number in [0, {upper}, got {value!r}."
-        )
-    in_range = 0.0 <= value <= 1.0 if include_one else 0.0 <= value < 1.0
-    if not in_range:
-        raise ValueError(f"`{name}` must be in [0, {upper}, got {value!r}.")
+from keras_distill.checks import check_temperature
+from keras_distill.checks import check_unit_interval
+from keras_distill.losses.weighting import weighted_reduce
 
 
 def _softened_log_probs(teacher_logits, student_logits, temperature):
     """Validates inputs and returns float32 `log P`, `log Q` at `temperature`."""
-    _check_temperature(temperature)
+    check_temperature(temperature)
     teacher_logits = ops.cast(teacher_logits, "float32")
     student_logits = ops.cast(student_logits, "float32")
     teacher_shape = tuple(teacher_logits.shape)
@@ -124,116 +51,6 @@ def _softened_log_probs(teacher_logits, student_logits, temperature):
     teacher_log_probs = ops.log_softmax(teacher_logits / temperature, axis=-1)
     student_log_probs = ops.log_softmax(student_logits / temperature, axis=-1)
     return teacher_log_probs, student_log_probs
-
-
-def weighted_reduce(values, sample_weight=None, reduction="mean"):
-    """Reduces per-position values with optional weights or a padding mask.
-
-    Args:
-        values: Tensor of per-example or per-token values.
-        sample_weight: Optional weights or 0/1 mask broadcastable to `values`.
-        reduction: `"mean"` (`sum(w * v) / sum(w)`, 0 when all weights are
-            zero), `"sum"` (`sum(w * v)`) or `"none"` (`w * v`).
-
-    Returns:
-        A float32 scalar, or a tensor shaped like `values` for `"none"`.
-
-    Example:
-
-    >>> values = keras.ops.convert_to_tensor([1.0, 3.0, 100.0])
-    >>> float(weighted_reduce(values, sample_weight=[1.0, 1.0, 0.0]))
-    2.0
-    """
-    check_reduction(reduction)
-    values = ops.cast(values, "float32")
-    if sample_weight is None:
-        if reduction == "none":
-            return values
-        return ops.sum(values) if reduction == "sum" else ops.mean(values)
-    weights = broadcast_weights(sample_weight, values)
-    weighted = weights * values
-    if reduction == "none":
-        return weighted
-    total = ops.sum(weighted)
-    if reduction == "sum":
-        return total
-    weight_sum = ops.sum(weights)
-    # A safe denominator, not a masked division: `where(w == 0, 0, x / w)`
-    # would put 0 * inf into the gradient when every weight is zero.
-    safe_sum = ops.where(ops.equal(weight_sum, 0.0), 1.0, weight_sum)
-    return total / safe_sum
-
-
-def broadcast_weights(sample_weight, values):
-    """`sample_weight` as float32 weights of the shape of `values`.
-
-    Args:
-        sample_weight: Weights or 0/1 mask: per example `(batch,)` or Keras's
-            `(batch, 1)` for per-token `values`, or of the shape of `values`.
-        values: Per-position values, e.g. `(batch, sequence)`.
-
-    Returns:
-        A float32 tensor shaped like `values`.
-
-    Example:
-
-    >>> weights = broadcast_weights([1.0, 0.0], keras.ops.ones((2, 3)))
-    >>> keras.ops.convert_to_numpy(weights).tolist()
-    [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
-    """
-    weights = ops.cast(sample_weight, "float32")
-    # Per-example weights (batch,) for per-token values (batch, seq), and
-    # Keras's (batch, 1) weights for (batch,) values.
-    while len(weights.shape) < len(values.shape):
-        weights = ops.expand_dims(weights, -1)
-    while len(weights.shape) > len(values.shape) and weights.shape[-1] == 1:
-        weights = ops.squeeze(weights, -1)
-    return ops.broadcast_to(weights, ops.shape(values))
-
-
-def real_positions(sample_weight, logits):
-    """Where `sample_weight` counts, as a mask that selects rows of `logits`.
-
-    Args:
-        sample_weight: Optional weights or 0/1 padding mask broadcastable to
-            `logits.shape[:-1]`.
-        logits: The logits, `(..., classes)`.
-
-    Returns:
-        None without `sample_weight`; else a bool tensor of shape
-        `logits.shape[:-1] + (1,)`, True where the weight is nonzero.
-
-    Example:
-
-    >>> mask = real_positions([[1, 0]], keras.ops.ones((1, 2, 5)))
-    >>> keras.ops.convert_to_numpy(mask)[..., 0].tolist()
-    [[True, False]]
-    """
-    if sample_weight is None:
-        return None
-    weights = broadcast_weights(sample_weight, logits[..., 0])
-    return ops.expand_dims(ops.not_equal(weights, 0.0), -1)
-
-
-def token_count(sample_weight, logits):
-    """The number of real tokens (or examples) a loss is averaged over.
-
-    Args:
-        sample_weight: Optional weights or 0/1 padding mask broadcastable to
-            `logits.shape[:-1]`.
-        logits: The logits (or hidden states), `(..., classes)`.
-
-    Returns:
-        A float32 scalar: the sum of the weights, or the number of positions
-        without weights.
-
-    Example:
-
-    >>> float(token_count([[1, 1, 0], [1, 0, 0]], keras.ops.ones((2, 3, 10))))
-    3.0
-    """
-    positions = ops.ones_like(logits[..., 0], dtype="float32")
-    return weighted_reduce(positions, sample_weight, reduction="sum")
 
 
 def _kl(log_p, log_q):
@@ -485,7 +302,7 @@ class DistillationLoss(keras.losses.Loss):
 
     def __init__(self, temperature=None, **kwargs):
         if temperature is not None:
-            _check_temperature(temperature)
+            check_temperature(temperature)
         super().__init__(**kwargs)
         self.temperature = temperature
 

@@ -10,28 +10,28 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.utils import tracking
 
 from keras_distill import backend as distill_backend
-from keras_distill import callbacks
-from keras_distill import features
-from keras_distill import losses as losses_module
-from keras_distill import sparse
-
-# Keys of a batch's `y` dict that carries precomputed teacher outputs (for
-# example from a teacher-output cache) next to its "labels".
-LABELS = "labels"
-TEACHER_LOGITS = "teacher_logits"
-TEACHER_TOP_LOG_PROBS = "teacher_top_log_probs"
-TEACHER_TOP_INDICES = "teacher_top_indices"
-_TEACHER_OUTPUT_KEYS = (
-    TEACHER_LOGITS,
-    TEACHER_TOP_LOG_PROBS,
-    TEACHER_TOP_INDICES,
-)
+from keras_distill import checks
+from keras_distill.distillers.feature_distillation import FeatureDistillation
+from keras_distill.losses import divergences
+from keras_distill.losses import sparse
+from keras_distill.losses import weighting
+from keras_distill.metrics import TeacherStudentMetric
+from keras_distill.targets.keys import _TEACHER_OUTPUT_KEYS
+from keras_distill.targets.keys import LABELS
+from keras_distill.targets.keys import TEACHER_LOGITS
+from keras_distill.targets.keys import TEACHER_TOP_INDICES
+from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
 
 # Codes of the checks a step records in `Distiller._batch_status` when they
 # fail; `NonFiniteLossGuard` turns them into errors.
 _LABEL_OUT_OF_RANGE = 1
+
+
 _TOKEN_OUT_OF_RANGE = 2
+
+
 _TEACHER_PROBABILITIES = 3
+
 
 # Spellings of Keras's probability-space KL that mean "KL of the softened
 # distributions" in the keras.io idiom; they are computed from logits instead.
@@ -45,7 +45,7 @@ def split_targets(y):
         y: Labels, or a dict with `"labels"` (optional) and either
             `"teacher_logits"` or `"teacher_top_log_probs"` and
             `"teacher_top_indices"` (log-probabilities at T = 1, as
-            `keras_distill.sparse.top_k_teacher_targets` returns them).
+            `keras_distill.targets.top_k_teacher_targets` returns them).
 
     Returns:
         `(labels, teacher_outputs)`, where `teacher_outputs` is a dict of the
@@ -98,10 +98,10 @@ def _split_teacher_metrics(metrics):
     if not isinstance(metrics, (list, tuple)):
         return metrics, []
     teacher_metrics = [
-        m for m in metrics if isinstance(m, callbacks.TeacherStudentMetric)
+        m for m in metrics if isinstance(m, TeacherStudentMetric)
     ]
     student_metrics = [
-        m for m in metrics if not isinstance(m, callbacks.TeacherStudentMetric)
+        m for m in metrics if not isinstance(m, TeacherStudentMetric)
     ]
     return student_metrics or None, teacher_metrics
 
@@ -228,20 +228,20 @@ def _is_forward_kl(loss):
     return (
         loss is None
         or _is_keras_kl(loss)
-        or isinstance(loss, losses_module.ForwardKL)
+        or isinstance(loss, divergences.ForwardKL)
         or (isinstance(loss, str) and loss == "forward_kl")
-        or loss is losses_module.forward_kl
+        or loss is divergences.forward_kl
     )
 
 
 def _is_reverse_kl(loss):
     """Whether `loss` is the reverse KL, infinite where the teacher gives 0."""
-    if isinstance(loss, losses_module.GeneralizedJSD):
+    if isinstance(loss, divergences.GeneralizedJSD):
         return loss.beta == 1.0
     return (
-        isinstance(loss, losses_module.ReverseKL)
+        isinstance(loss, divergences.ReverseKL)
         or (isinstance(loss, str) and loss == "reverse_kl")
-        or loss is losses_module.reverse_kl
+        or loss is divergences.reverse_kl
     )
 
 
@@ -259,13 +259,13 @@ def _per_example_loss_fn(loss):
 def _resolve_distillation_loss(loss, temperature):
     """Returns `fn(teacher_logits, student_logits, sample_weight) -> scalar`."""
     if loss is None or _is_keras_kl(loss):
-        loss = losses_module.forward_kl
+        loss = divergences.forward_kl
     if isinstance(loss, str):
-        if loss in losses_module.DIVERGENCES:
-            loss = losses_module.DIVERGENCES[loss]
+        if loss in divergences.DIVERGENCES:
+            loss = divergences.DIVERGENCES[loss]
         else:
             loss = keras.losses.get(loss)
-    if isinstance(loss, losses_module.DistillationLoss):
+    if isinstance(loss, divergences.DistillationLoss):
         if loss.temperature is not None and loss.temperature != temperature:
             raise ValueError(
                 f"`distillation_loss_fn` sets temperature={loss.temperature} "
@@ -284,7 +284,7 @@ def _resolve_distillation_loss(loss, temperature):
             )
 
         return divergence
-    if loss in losses_module.DIVERGENCES.values():
+    if loss in divergences.DIVERGENCES.values():
 
         def divergence(teacher_logits, student_logits, sample_weight):
             return loss(
@@ -303,7 +303,7 @@ def _resolve_distillation_loss(loss, temperature):
         teacher_probs = ops.softmax(teacher_logits / temperature, axis=-1)
         student_probs = ops.softmax(student_logits / temperature, axis=-1)
         values = per_example(teacher_probs, student_probs)
-        return temperature**2 * losses_module.weighted_reduce(
+        return temperature**2 * weighting.weighted_reduce(
             values, sample_weight
         )
 
@@ -355,7 +355,7 @@ class Distiller(keras.Model):
         student: The `keras.Model` to train; it must return logits.
         teacher: A trained `keras.Model` returning logits of the same shape,
             or `None` when every batch carries the teacher's outputs.
-        feature_distillation: Optional `keras_distill.features.
+        feature_distillation: Optional `keras_distill.distillers.
             FeatureDistillation` adding hidden-state and attention-map terms;
             the student then runs once per step through a view returning its
             logits and the chosen layers' outputs.
@@ -428,9 +428,9 @@ class Distiller(keras.Model):
         # Callbacks such as BackupAndRestore need a built model before `fit`.
         self.built = student.built and (teacher is None or teacher.built)
         if feature_distillation is not None:
-            if not isinstance(feature_distillation, features.FeatureDistillation):
+            if not isinstance(feature_distillation, FeatureDistillation):
                 raise TypeError(
-                    "`feature_distillation` must be a keras_distill.features."
+                    "`feature_distillation` must be a keras_distill."
                     f"FeatureDistillation, got {type(feature_distillation)}."
                 )
             feature_distillation.attach(student, teacher)
@@ -580,8 +580,8 @@ class Distiller(keras.Model):
                 "The Distiller takes `student_loss_fn` and "
                 "`distillation_loss_fn`, not `loss`."
             )
-        losses_module.check_unit_interval("alpha", alpha)
-        losses_module._check_temperature(temperature)
+        checks.check_unit_interval("alpha", alpha)
+        checks.check_temperature(temperature)
         if student_loss_fn is None and alpha > 0:
             raise ValueError(
                 f"`student_loss_fn` is required when alpha={alpha} > 0, e.g. "
@@ -789,7 +789,7 @@ class Distiller(keras.Model):
         counted = ops.ones_like(values, dtype="bool")
         if sample_weight is not None:
             counted = ops.not_equal(
-                losses_module.broadcast_weights(
+                weighting.broadcast_weights(
                     sample_weight, ops.cast(values, "float32")
                 ),
                 0.0,
@@ -889,7 +889,7 @@ class Distiller(keras.Model):
         student_logits = ops.cast(y_pred, "float32")
         # Where the weight is zero (padding), the teacher's logits are
         # replaced before any maths (see `_dense_distillation_loss`).
-        real = losses_module.real_positions(sample_weight, student_logits)
+        real = weighting.real_positions(sample_weight, student_logits)
         if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
             distillation_loss, teacher_finite, teacher_checks = (
                 self._sparse_distillation_loss(
@@ -931,7 +931,7 @@ class Distiller(keras.Model):
                     ignore_class,
                 )
                 checks = checks + label_checks
-            student_loss = losses_module.weighted_reduce(
+            student_loss = weighting.weighted_reduce(
                 self._student_losses(labels, student_logits), sample_weight
             )
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
@@ -972,7 +972,7 @@ class Distiller(keras.Model):
                 )
         if training:
             loss = self._normalize_over_accumulation(
-                loss, losses_module.token_count(sample_weight, student_logits)
+                loss, weighting.token_count(sample_weight, student_logits)
             )
         return scale_loss_for_distribution(loss)
 

@@ -27,10 +27,13 @@ import warnings
 import keras
 import numpy as np
 
-from keras_distill.losses import check_positive_int
+from keras_distill.checks import check_positive_int
 
 QUANTIZATION_MODES = ("int8", "int4", "float8")
+
+
 _CALIBRATED_MODES = ("gptq", "awq")
+
 
 # Layer types that implement `quantize` in Keras 3.15, by mode.
 _SUPPORTED_LAYERS = {

