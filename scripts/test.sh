@@ -5,6 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 status=0
+echo "=== ruff check (lint and import order, configured in pyproject.toml)"
+ruff check . || status=1
 for backend in jax tensorflow torch; do
   echo "=== KERAS_BACKEND=$backend"
   # setup.sh turned on `set -e`; a failing backend must not skip the others.

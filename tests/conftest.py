@@ -88,10 +88,22 @@ def pytest_addoption(parser):
     )
 
 
+def _reads_shared_data(item):
+    """Whether the test's module reads the real datasets through `DATA_DIR`."""
+    module = getattr(item, "module", None)
+    return module is not None and getattr(module, "DATA_DIR", None) is DATA_DIR
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--large"):
-        return
-    skip = pytest.mark.skip(reason="real-checkpoint test: run with `pytest --large`")
+    missing_data = pytest.mark.skip(
+        reason=f"needs the real datasets in {DATA_DIR} (the MNIST test split, Tiny "
+        "Shakespeare, Financial PhraseBank; see its README), which are absent here"
+    )
+    large = pytest.mark.skip(reason="real-checkpoint test: run with `pytest --large`")
     for item in items:
-        if "large" in item.keywords:
-            item.add_marker(skip)
+        if _reads_shared_data(item):
+            item.add_marker(pytest.mark.shared_data)
+            if not DATA_DIR.is_dir():
+                item.add_marker(missing_data)
+        if "large" in item.keywords and not config.getoption("--large"):
+            item.add_marker(large)
