@@ -12,7 +12,6 @@ also its end-of-sequence id still trains on the real end-of-sequence token.
 import keras
 import numpy as np
 from keras import ops
-from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_distill.distillers import distiller
 from keras_distill.distillers import on_policy as on_policy_module
@@ -538,22 +537,16 @@ class CausalLMDistiller(Distiller):
             **teacher,
             **divergence_kwargs,
         )
-        loss = terms["loss"]
-        for extra_loss in self.losses:
-            loss = loss + ops.cast(ops.sum(extra_loss), "float32")
-        # As in `Distiller.compute_loss`: a broken teacher batch or a failed
-        # check gives a zero gradient and a NaN loss, which stops `fit`.
-        loss = self._guarded_loss(loss, teacher_finite, checks)
-        batch_size = ops.shape(hidden_states)[0]
-        self.student_loss_tracker.update_state(terms["student_loss"], batch_size)
-        self.distillation_loss_tracker.update_state(
-            terms["distillation_loss"], batch_size
+        return self._finish_loss(
+            loss=terms["loss"],
+            student_loss=terms["student_loss"],
+            distillation_loss=terms["distillation_loss"],
+            student_outputs=hidden_states,
+            sample_weight=sample_weight,
+            training=training,
+            teacher_finite=teacher_finite,
+            checks=checks,
         )
-        if training:
-            loss = self._normalize_over_accumulation(
-                loss, weighting.token_count(sample_weight, hidden_states)
-            )
-        return scale_loss_for_distribution(loss)
 
     def get_config(self):
         config = super().get_config()

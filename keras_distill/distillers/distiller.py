@@ -935,8 +935,6 @@ class Distiller(keras.Model):
                 self._student_losses(labels, student_logits), sample_weight
             )
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
-        for extra_loss in self.losses:
-            loss = loss + ops.cast(ops.sum(extra_loss), "float32")
         if self.feature_distillation is not None:
             if teacher_outputs is not None:
                 raise ValueError(
@@ -945,34 +943,118 @@ class Distiller(keras.Model):
                     "the teacher model and plain labels as `y`."
                 )
             loss = loss + self.feature_distillation.compute_loss(sample_weight)
-        loss = self._guarded_loss(
-            loss, teacher_finite, checks + teacher_checks
+        top_k = teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs
+        return self._finish_loss(
+            loss=loss,
+            student_loss=student_loss,
+            distillation_loss=distillation_loss,
+            student_outputs=student_logits,
+            sample_weight=sample_weight,
+            training=training,
+            teacher_finite=teacher_finite,
+            checks=checks + teacher_checks,
+            teacher_logits=None if top_k else teacher_logits,
+            student_logits=self._shared_logits(student_logits),
         )
 
-        batch_size = ops.shape(student_logits)[0]
+    def _finish_loss(
+        self,
+        *,
+        loss,
+        student_loss,
+        distillation_loss,
+        student_outputs,
+        sample_weight,
+        training,
+        teacher_finite=True,
+        checks=(),
+        teacher_logits=None,
+        student_logits=None,
+    ):
+        """The tail every distiller's `compute_loss` ends with.
+
+        In this order: adds the model's own losses (`self.losses`, e.g.
+        regularizers) to `loss`; gives the step a zero gradient and a NaN
+        value if the teacher was not finite or a check failed
+        (`_guarded_loss`, which records the check for `NonFiniteLossGuard`);
+        updates the `student_loss` and `distillation_loss` trackers and the
+        compiled teacher metrics; in training, normalizes the gradient over
+        the optimizer's gradient-accumulation cycle
+        (`_normalize_over_accumulation`); and scales the loss for
+        `tf.distribute` replicas, as Keras's own `compute_loss` does.
+
+        Args:
+            loss: float32 scalar, the step's total loss (the weighted hard and
+                soft terms, plus any extra term such as feature
+                distillation), averaged over the batch's real tokens.
+            student_loss: float32 scalar, the hard-label term, reported as
+                `student_loss` (zero when there is none).
+            distillation_loss: float32 scalar, the teacher term, reported as
+                `distillation_loss`.
+            student_outputs: The student's outputs the loss was computed
+                from, `(batch, ..., features)` (logits, or hidden states for
+                a fused loss): the trackers weight by its batch size, and
+                without `sample_weight` its positions are the real tokens.
+            sample_weight: The batch's weights (or padding mask) the terms
+                were averaged with, or None.
+            training: Whether this is a training step; only those normalize
+                over gradient accumulation.
+            teacher_finite: bool scalar, False when the teacher's outputs
+                for this batch were not finite.
+            checks: The step's checks, `(code, failed, value, limit)` tuples
+                of scalars (see `_record_checks`), e.g. from
+                `_checked_inputs` and `_checked_labels`.
+            teacher_logits: The teacher's logits over the classes both
+                models score, for compiled teacher metrics (`TeacherKL`,
+                ...); None when the step has none (top-k targets, a fused
+                loss), and compiled teacher metrics are then refused.
+            student_logits: The student's logits matching `teacher_logits`.
+
+        Returns:
+            The float32 scalar `compute_loss` returns.
+
+        Example:
+
+        A distiller whose soft term is the squared distance between logits:
+
+        >>> import numpy as np
+        >>> class LogitMatching(Distiller):
+        ...     def compute_loss(self, x=None, y=None, y_pred=None,
+        ...                      sample_weight=None, training=True):
+        ...         teacher_logits = self.teacher(x, training=False)
+        ...         distance = ops.mean(
+        ...             ops.square(ops.stop_gradient(teacher_logits) - y_pred))
+        ...         return self._finish_loss(
+        ...             loss=distance, student_loss=ops.zeros(()),
+        ...             distillation_loss=distance, student_outputs=y_pred,
+        ...             sample_weight=sample_weight, training=training)
+        >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> distiller = LogitMatching(student=student, teacher=teacher)
+        >>> distiller.compile(optimizer="sgd", alpha=0.0)
+        >>> history = distiller.fit(np.ones((8, 4)), np.zeros((8,)), verbose=0)
+        >>> sorted(history.history)
+        ['distillation_loss', 'loss', 'student_loss']
+        """
+        for extra_loss in self.losses:
+            loss = loss + ops.cast(ops.sum(extra_loss), "float32")
+        loss = self._guarded_loss(loss, teacher_finite, list(checks))
+        batch_size = ops.shape(student_outputs)[0]
         self.student_loss_tracker.update_state(student_loss, batch_size)
-        self.distillation_loss_tracker.update_state(
-            distillation_loss, batch_size
-        )
-        if self._teacher_metrics:
-            if teacher_outputs is not None and (
-                TEACHER_TOP_INDICES in teacher_outputs
-            ):
-                raise ValueError(
-                    f"{[m.name for m in self._teacher_metrics]} compare the "
-                    "teacher's full logits with the student's, but this batch "
-                    "carries top-k teacher targets: compile without them, or "
-                    "cache dense teacher logits."
-                )
-            for metric in self._teacher_metrics:
-                metric.update_state(
-                    teacher_logits,
-                    self._shared_logits(student_logits),
-                    sample_weight,
-                )
+        self.distillation_loss_tracker.update_state(distillation_loss, batch_size)
+        teacher_metrics = getattr(self, "_teacher_metrics", [])
+        if teacher_metrics and teacher_logits is None:
+            raise ValueError(
+                f"{[m.name for m in teacher_metrics]} compare the teacher's "
+                "full logits with the student's, but this step has none (it "
+                "trains on top-k teacher targets, or on a fused loss): compile "
+                "without them, or cache dense teacher logits."
+            )
+        for metric in teacher_metrics:
+            metric.update_state(teacher_logits, student_logits, sample_weight)
         if training:
             loss = self._normalize_over_accumulation(
-                loss, weighting.token_count(sample_weight, student_logits)
+                loss, weighting.token_count(sample_weight, student_outputs)
             )
         return scale_loss_for_distribution(loss)
 
@@ -982,7 +1064,9 @@ class Distiller(keras.Model):
         A NaN value stops `fit` (see `NonFiniteLossGuard`), which reports
         the recorded check, else the non-finite teacher.
         """
-        valid = teacher_finite & ops.logical_not(self._record_checks(checks))
+        valid = ops.logical_and(
+            teacher_finite, ops.logical_not(self._record_checks(checks))
+        )
         loss = loss * ops.cast(valid, "float32")
         return loss + ops.stop_gradient(ops.where(valid, 0.0, float("nan")))
 
