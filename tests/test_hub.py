@@ -213,7 +213,7 @@ def test_final_logit_soft_cap_is_distilled(tokenizer, batch):
 def test_padded_embedding_tables_are_sliced_to_the_tokenizer(tokenizer, batch, caplog):
     teacher = _gemma(tokenizer, 32, vocabulary_size=VOCABULARY_SIZE + 20, seed=5)
     student = _gemma(tokenizer, 16, vocabulary_size=VOCABULARY_SIZE + 4, seed=6)
-    with caplog.at_level(logging.INFO, logger="keras_distill.distillers.causal_lm"):
+    with caplog.at_level(logging.INFO, logger="keras_distill.language_models.hub"):
         distiller = _compile(distillers.CausalLMDistiller(student=student, teacher=teacher))
     assert "padded differently" in caplog.text
     x, labels, sample_weight = batch
