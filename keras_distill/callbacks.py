@@ -3,81 +3,30 @@
 Two callbacks write into each epoch's `logs`, so they reach `History` and the
 progress bar as well: `Throughput` (training examples/s and tokens/s) and
 `PeakMemory` (the process's peak resident host memory and, where the backend
-reports it, the accelerator's peak memory). `device_peak_memory_bytes` is the
-one backend-specific helper of this module.
+reports it, the accelerator's peak memory). The memory probes,
+`host_peak_memory_bytes` and `device_peak_memory_bytes`, live in
+`keras_distill.backend` (they differ per platform and backend) and are
+importable from here too.
 """
 
-import resource
-import sys
 import time
 
 import keras
 import numpy as np
 
-
-def host_peak_memory_bytes():
-    """Peak resident memory (RSS) of this process since it started, in bytes.
-
-    Returns:
-        An `int` number of bytes (`getrusage`'s `ru_maxrss`).
-
-    Example:
-
-    >>> host_peak_memory_bytes() > 0
-    True
-    """
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports kilobytes, macOS bytes.
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def device_peak_memory_bytes():
-    """Peak memory of the first accelerator, where the backend reports it.
-
-    The only backend branch of this module: JAX reads
-    `jax.devices()[0].memory_stats()["peak_bytes_in_use"]`, PyTorch
-    `torch.cuda.max_memory_allocated()`, TensorFlow
-    `tf.config.experimental.get_memory_info("GPU:0")["peak"]`. All are peaks
-    since the process started (or since the backend's own reset).
-
-    Returns:
-        An `int` number of bytes, or `None` on CPU and wherever the backend
-        does not report device memory.
-
-    Example:
-
-    >>> peak = device_peak_memory_bytes()
-    >>> peak is None or peak > 0
-    True
-    """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        stats = jax.devices()[0].memory_stats()
-        return None if not stats else stats.get("peak_bytes_in_use")
-    if backend == "torch":
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        return int(torch.cuda.max_memory_allocated())
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.config.list_logical_devices("GPU"):
-            return None
-        return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
-    return None
+from keras_distill.backend import device_peak_memory_bytes
+from keras_distill.backend import host_peak_memory_bytes
 
 
 class PeakMemory(keras.callbacks.Callback):
     """Writes peak host (and device) memory into each epoch's logs.
 
-    Adds `peak_host_memory_mb`, the process's peak resident set size, and,
-    where the backend reports it (see `device_peak_memory_bytes`),
-    `peak_device_memory_mb`. Both are peaks since the process started, so they
-    never decrease from one epoch to the next. MB means 2**20 bytes.
+    Adds `peak_host_memory_mb`, the process's peak resident set size (where
+    the platform reports it, see `host_peak_memory_bytes`: not on Windows
+    without psutil), and, where the backend reports it (see
+    `device_peak_memory_bytes`), `peak_device_memory_mb`. Both are peaks
+    since the process started, so they never decrease from one epoch to the
+    next. MB means 2**20 bytes.
 
     Example:
 
@@ -93,7 +42,9 @@ class PeakMemory(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        logs["peak_host_memory_mb"] = host_peak_memory_bytes() / 2**20
+        host_peak = host_peak_memory_bytes()
+        if host_peak is not None:
+            logs["peak_host_memory_mb"] = host_peak / 2**20
         device_peak = device_peak_memory_bytes()
         if device_peak is not None:
             logs["peak_device_memory_mb"] = device_peak / 2**20

@@ -103,6 +103,7 @@ except ImportError:  # Windows: builds are not locked (see the module docstring)
 import keras
 import numpy as np
 
+from keras_distill import backend
 from keras_distill.checks import check_positive_int
 from keras_distill.targets import codec
 from keras_distill.targets.keys import LABELS
@@ -1418,8 +1419,6 @@ class TeacherOutputCache:
             yield self._attach(batch)
 
     def _tf_dataset(self, dataset):
-        import tensorflow as tf
-
         specs = self._target_specs()
         names = sorted(specs)
 
@@ -1434,16 +1433,12 @@ class TeacherOutputCache:
             inputs, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(
                 element
             )
-            values = tf.numpy_function(
+            values = backend.tf_numpy_function(
                 lookup,
                 keras.tree.flatten(inputs),
-                [specs[name][0] for name in names],
-                stateful=False,
+                [(specs[name][0], (None, *specs[name][1])) for name in names],
             )
-            targets = {}
-            for name, value in zip(names, values):
-                value.set_shape((None, *specs[name][1]))
-                targets[name] = value
+            targets = dict(zip(names, values))
             if labels is not None:
                 targets[LABELS] = labels
             joined = (inputs, targets)
@@ -1452,7 +1447,7 @@ class TeacherOutputCache:
         structure, _, _ = keras.utils.unpack_x_y_sample_weight(
             dataset.element_spec
         )
-        return dataset.map(attach, num_parallel_calls=tf.data.AUTOTUNE)
+        return backend.map_tf_dataset(dataset, attach)
 
 
 def _contains(sorted_digests, digests):
