@@ -17,7 +17,22 @@ N = 512, V = 262,144, Gemma 3's vocabulary):
 - `fused_ce`: the same with next-token labels and alpha = 0.1 (cross-entropy
   plus divergence, the usual training loss);
 - `fused_top_k`: `fused_ce` with the teacher's top-256 log-probabilities
-  (Gemma 3's recipe, `tail="renormalize"`) instead of its logits.
+  (Gemma 3's recipe, `tail="renormalize"`) instead of its logits;
+- `fused_hidden`: `fused` with the teacher given as its own hidden states
+  `(N, H)` and output embedding `(V, H)`, so no full logits of either model
+  exist;
+- `floor`: the dense path `fused_hidden` replaces, its fair floor: both
+  models' `hidden @ embedding.T` materialized, `chunked` on them, and the
+  gradient back through the student's matmul to its hidden states and
+  embedding. Its FLOPs, `3 · 2NVH` for the student and `2NVH` for the
+  teacher, are what `fused_hidden` must do too, plus one recomputation of
+  each tile's logits in the backward pass (about 1.25× the floor's FLOPs);
+- `matmul`: one plain `keras.ops.matmul` of `(N, H) × (H, V)`, forward only,
+  compiled the same way: the machine's practical ceiling in GFLOP/s.
+
+`fused_hidden` and `floor` are also reported in GFLOP/s of the floor's
+`8NVH` FLOPs, next to `matmul`'s `2NVH`, and the ratio fused / floor per
+backend is printed under the table.
 
 Every (backend, loss) runs in a fresh process (`per_backend.run_workers`, one
 call per loss), so no allocator state carries over. The inputs are created as
@@ -62,7 +77,10 @@ from per_backend import run_workers
 from per_backend import save_results
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSES = ("keras", "keras_kl", "chunked", "fused", "fused_ce", "fused_top_k")
+LOSSES = (
+    "keras", "keras_kl", "chunked", "fused", "fused_ce", "fused_top_k",
+    "fused_hidden", "floor", "matmul",
+)
 # glibc's threshold above which an allocation gets its own mapping, returned
 # to the system when freed (see the module docstring).
 MMAP_THRESHOLD_VARIABLE = "MALLOC_MMAP_THRESHOLD_"
@@ -109,6 +127,8 @@ def compiled_value_and_grad(loss_fn, inputs):
 
     backend = keras.backend.backend()
     num_diff = loss_fn.num_differentiable
+    if num_diff == 0:
+        return compiled_forward(loss_fn, inputs)
     if backend == "jax":
         import jax
 
@@ -146,6 +166,33 @@ def compiled_value_and_grad(loss_fn, inputs):
             value = loss_fn(*leaves, *inputs[num_diff:])
             grads = torch.autograd.grad(value, leaves)
             return value, grads
+
+        return run
+    raise NotImplementedError(backend)
+
+
+def compiled_forward(fn, inputs):
+    """`fn(*inputs)` alone (no gradient), compiled as `compiled_value_and_grad`."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        compiled = jax.jit(fn).lower(*inputs).compile()
+        return lambda: (jax.block_until_ready(compiled(*inputs)), ())
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        function = tf.function(fn)
+        function.get_concrete_function(*inputs)
+        return lambda: (function(*inputs), ())
+    if backend == "torch":
+        import torch
+
+        def run():
+            with torch.no_grad():
+                return fn(*inputs), ()
 
         return run
     raise NotImplementedError(backend)
@@ -209,9 +256,53 @@ def build_loss(name, temperature, chunk_size):
             "hidden_states", "embedding", "top_log_probs", "top_indices",
             "labels",
         )
+    elif name == "fused_hidden":
+
+        def loss_fn(hidden_states, embedding, teacher_hidden, teacher_embedding):
+            return fused.fused_distillation_loss(
+                hidden_states,
+                embedding,
+                None,
+                teacher_hidden_states=teacher_hidden,
+                teacher_embedding=teacher_embedding,
+                temperature=temperature,
+                alpha=0.0,
+                chunk_size=chunk_size,
+            )["loss"]
+
+        inputs = (
+            "hidden_states", "embedding", "teacher_hidden", "teacher_embedding",
+        )
+    elif name == "floor":
+
+        def loss_fn(hidden_states, embedding, teacher_hidden, teacher_embedding):
+            student_logits = keras.ops.matmul(
+                hidden_states, keras.ops.transpose(embedding)
+            )
+            teacher_logits = keras.ops.matmul(
+                teacher_hidden, keras.ops.transpose(teacher_embedding)
+            )
+            return fused.chunked_distillation_loss(
+                teacher_logits, student_logits, temperature,
+                chunk_size=chunk_size,
+            )
+
+        inputs = (
+            "hidden_states", "embedding", "teacher_hidden", "teacher_embedding",
+        )
+    elif name == "matmul":
+
+        def loss_fn(hidden_states, embedding):
+            return keras.ops.matmul(hidden_states, keras.ops.transpose(embedding))
+
+        inputs = ("hidden_states", "embedding")
     else:
         raise ValueError(name)
-    loss_fn.num_differentiable = 2 if name.startswith("fused") else 1
+    loss_fn.num_differentiable = (
+        0 if name == "matmul"
+        else 2 if name.startswith("fused") or name == "floor"
+        else 1
+    )
     return loss_fn, inputs
 
 
@@ -225,6 +316,8 @@ def make_inputs(names, tokens, vocabulary, hidden_dim):
         "teacher_logits": (tokens, vocabulary),
         "hidden_states": (tokens, hidden_dim),
         "embedding": (vocabulary, hidden_dim),
+        "teacher_hidden": (tokens, hidden_dim),
+        "teacher_embedding": (vocabulary, hidden_dim),
     }
     tensors = []
     for name in names:
@@ -243,7 +336,7 @@ def make_inputs(names, tokens, vocabulary, hidden_dim):
             array = rng.standard_normal(shapes[name], dtype="float32")
             if name == "teacher_logits" or name == "student_logits":
                 array *= 3.0
-            elif name == "embedding":
+            elif name in ("embedding", "teacher_embedding"):
                 array /= np.sqrt(hidden_dim) / 3.0
         tensors.append(keras.ops.convert_to_tensor(array))
         del array
@@ -268,7 +361,7 @@ def run_worker(args):
     with PeakMemory() as memory:
         start = time.perf_counter()
         value, grads = run()
-        value = float(keras.ops.convert_to_numpy(value))
+        value = float(keras.ops.convert_to_numpy(keras.ops.sum(value)))
         first_seconds = time.perf_counter() - start
     del grads
     seconds = []
@@ -280,8 +373,14 @@ def run_worker(args):
     logits_bytes = args.tokens * args.vocabulary * 4
     gradient_bytes = (
         (args.tokens + args.vocabulary) * args.hidden_dim * 4
-        if args.loss.startswith("fused")
+        if args.loss.startswith("fused") or args.loss == "floor"
         else logits_bytes
+    )
+    # The floor's FLOPs for the two paths that compute logits from hidden
+    # states, one forward matmul's for `matmul`.
+    matmul_flops = 2 * args.tokens * args.vocabulary * args.hidden_dim
+    flops = {"fused_hidden": 4 * matmul_flops, "floor": 4 * matmul_flops}.get(
+        args.loss, matmul_flops if args.loss == "matmul" else None
     )
     result = {
         "backend": keras.backend.backend(),
@@ -297,6 +396,8 @@ def run_worker(args):
         "first_call_seconds": first_seconds,
         "seconds": statistics.median(seconds) if seconds else first_seconds,
     }
+    if flops is not None:
+        result["gflops_per_second"] = flops / result["seconds"] / 1e9
     Path(args.worker_output).write_text(json.dumps(result, indent=2))
 
 
@@ -304,16 +405,29 @@ def format_table(results):
     lines = [
         "| backend | loss | value | peak beyond inputs, × logits | "
         "same, fixed mmap threshold | fixed, net of the gradients | "
-        "s (median) |",
-        "|---|---|---|---|---|---|---|",
+        "s (median) | GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        rate = r.get("gflops_per_second")
         lines.append(
             f"| {r['backend']} | {r['loss']} | {r['value']:.5f} | "
             f"{r['peak_logits']:.2f} | {r['fixed_peak_logits']:.2f} | "
             f"{r['fixed_peak_beyond_gradients_logits']:.2f} | "
-            f"{r['seconds']:.2f} |"
+            f"{r['seconds']:.2f} | {'' if rate is None else f'{rate:.1f}'} |"
         )
+    by_key = {(r["backend"], r["loss"]): r for r in results}
+    lines.append("")
+    for backend in dict.fromkeys(r["backend"] for r in results):
+        fused_row = by_key.get((backend, "fused_hidden"))
+        floor_row = by_key.get((backend, "floor"))
+        if fused_row and floor_row:
+            lines.append(
+                f"{backend}: fused_hidden / floor = "
+                f"{fused_row['seconds'] / floor_row['seconds']:.2f} in time, "
+                f"{fused_row['fixed_peak_logits'] / floor_row['fixed_peak_logits']:.2f} "
+                "in peak memory (fixed mmap threshold)"
+            )
     return "\n".join(lines)
 
 
