@@ -870,3 +870,98 @@ def test_zero_weight_positions_with_nan_teacher_logits_do_not_count():
                   sample_weight=weights, batch_size=16, verbose=0)
     for initial, now in zip(before, distiller.student.get_weights()):
         assert np.all(np.isfinite(now)) and not np.array_equal(now, initial)
+
+
+# ---- `Distiller._finish_loss`, the tail of every distiller's loss ----
+
+
+class SquaredLogitDistance(Distiller):
+    """A distiller of another soft term, ending as every distiller does."""
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        teacher_logits = ops.stop_gradient(self.teacher(x, training=False))
+        # A broken teacher batch is replaced by a finite stand-in: `_finish_loss`
+        # zeroes the gradient, which NaN maths would turn into NaN.
+        teacher_finite = ops.all(ops.isfinite(teacher_logits))
+        teacher_logits = ops.where(
+            teacher_finite, teacher_logits, ops.stop_gradient(y_pred)
+        )
+        distance = ops.mean(ops.square(teacher_logits - y_pred))
+        return self._finish_loss(
+            loss=distance,
+            student_loss=ops.zeros(()),
+            distillation_loss=distance,
+            student_outputs=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+            teacher_finite=teacher_finite,
+        )
+
+
+def test_finish_loss_gives_a_new_distiller_regularizers_trackers_and_the_guard():
+    x, y = make_data(32)
+    keras.utils.set_random_seed(2)
+    student = keras.Sequential(
+        [
+            keras.Input((NUM_FEATURES,)),
+            keras.layers.Dense(
+                NUM_CLASSES, kernel_regularizer=keras.regularizers.L2(0.1)
+            ),
+        ]
+    )
+    teacher = make_teacher()
+    distiller = SquaredLogitDistance(student=student, teacher=teacher)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1), alpha=0.0)
+    results = distiller.evaluate(x, y, batch_size=len(x), return_dict=True, verbose=0)
+    x64 = x.astype("float64")
+    weights = [w.astype("float64") for w in teacher.get_weights()]
+    hidden = np.maximum(x64 @ weights[0] + weights[1], 0.0)
+    teacher_logits = hidden @ weights[2] + weights[3]
+    kernel, bias = (w.astype("float64") for w in student.get_weights())
+    distance = np.mean((teacher_logits - (x64 @ kernel + bias)) ** 2)
+    penalty = 0.1 * np.sum(kernel**2)
+    assert results["distillation_loss"] == pytest.approx(distance, rel=1e-5)
+    assert results["student_loss"] == 0.0
+    assert results["loss"] == pytest.approx(distance + penalty, rel=1e-5)
+    # A NaN teacher: the step's gradient is zero and `fit` stops.
+    before = student.get_weights()
+    teacher.layers[-1].bias.assign(np.full((NUM_CLASSES,), np.nan, "float32"))
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
+        distiller.fit(x, y, batch_size=len(x), verbose=0)
+    for old, new in zip(before, student.get_weights()):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_distiller_modules_import_one_way():
+    """`causal_lm` -> `on_policy` -> `language_models.hub`, never back, even
+    inside a function."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "keras_distill"
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse((package / path).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    def imports_any(path, modules):
+        return sorted(
+            name for name in imported(path)
+            if any(name == m or name.startswith(m + ".") for m in modules)
+        )
+
+    causal_lm = "keras_distill.distillers.causal_lm"
+    on_policy = "keras_distill.distillers.on_policy"
+    hub = "keras_distill.language_models.hub"
+    assert on_policy in imported("distillers/causal_lm.py")
+    assert hub in imported("distillers/on_policy.py")
+    assert imports_any("distillers/on_policy.py", [causal_lm]) == []
+    assert imports_any("language_models/hub.py", ["keras_distill.distillers"]) == []

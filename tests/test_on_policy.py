@@ -142,11 +142,11 @@ def test_seeded_run_is_reproducible_and_generation_compiles_once(
     for expected, actual in zip(on_policy_run["weights"], _weights(distiller.student)):
         np.testing.assert_array_equal(actual, expected)
     # A second fit reuses the generate function and the compiled step.
-    generate_function = distiller._on_policy_generator.generate_function
+    generate_function = distiller._on_policy_training.generator.generate_function
     train_function = distiller.train_function
     _fit(distiller, windows)
-    assert distiller._on_policy_generator.generate_function is generate_function
-    assert distiller._on_policy_generator.model.generate_function is generate_function
+    assert distiller._on_policy_training.generator.generate_function is generate_function
+    assert distiller._on_policy_training.generator.model.generate_function is generate_function
     assert distiller.train_function is train_function
 
 
@@ -434,7 +434,7 @@ def test_rows_with_nothing_to_continue_stay_unchanged_and_unweighted(
     sample_weight[1::2] = 0.0
     distiller = per_row_run["distiller"]
     batch = on_policy.response_continuation_batch(
-        distiller._on_policy_generator,
+        distiller._on_policy_training.generator,
         {key: value[rows] for key, value in original_x.items()},
         original_labels[rows], sample_weight, MAX_NEW_TOKENS,
     )

@@ -6,6 +6,9 @@
 - `on_policy`: the student's own generations as training data.
 - `feature_distillation`: `FeatureDistillation`, hidden-state and attention
   terms added to a `Distiller`.
+
+Every distiller's `compute_loss` ends with `Distiller._finish_loss`. Imports
+flow one way: `causal_lm` -> `on_policy` -> `language_models.hub`.
 """
 
 from keras_distill.distillers import causal_lm

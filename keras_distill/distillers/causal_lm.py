@@ -10,7 +10,6 @@ also its end-of-sequence id still trains on the real end-of-sequence token.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_distill.distillers import distiller
@@ -29,7 +28,6 @@ from keras_distill.losses import divergences
 from keras_distill.losses import fused
 from keras_distill.losses import weighting
 from keras_distill.losses.divergences import DistillationLoss
-from keras_distill.metrics import TeacherStudentMetric
 from keras_distill.targets.keys import TEACHER_LOGITS
 from keras_distill.targets.keys import TEACHER_TOP_INDICES
 from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
@@ -108,6 +106,7 @@ class CausalLMDistiller(Distiller):
     Example:
 
     >>> import keras_hub
+    >>> import numpy as np
     >>> def tiny_gemma(hidden_dim):
     ...     backbone = keras_hub.models.Gemma3Backbone(
     ...         vocabulary_size=50, image_size=None, num_layers=1,
@@ -139,25 +138,23 @@ class CausalLMDistiller(Distiller):
         _check_causal_lm("student", student)
         if isinstance(on_policy, dict):
             on_policy = keras.saving.deserialize_keras_object(on_policy)
-        if on_policy is not None:
-            if not isinstance(on_policy, on_policy_module.OnPolicyGeneration):
-                raise TypeError(
-                    "`on_policy` must be a keras_distill.distillers.on_policy."
-                    f"OnPolicyGeneration, got {type(on_policy).__name__}."
-                )
-            if teacher is None:
-                raise ValueError(
-                    "`on_policy` needs the `teacher` model: it scores the "
-                    "student's generations, which no cache holds."
-                )
-            if fused_loss:
-                raise ValueError(
-                    "`on_policy` works with the dense loss only; pass "
-                    "fused_loss=False."
-                )
         self.on_policy = on_policy
+        # Each mode is its own piece, chosen here once: None is the plain
+        # (and the dense-loss) behaviour, `Distiller`'s own.
+        self._on_policy_training = None if on_policy is None else (
+            on_policy_module.OnPolicyTraining(on_policy, student, teacher)
+        )
+        if on_policy is not None and fused_loss:
+            raise ValueError(
+                "`on_policy` works with the dense loss only; pass "
+                "fused_loss=False."
+            )
+        self._fused_loss_path = None if not fused_loss else _FusedLoss(
+            chunk_size, vocabulary_chunk_size
+        )
+        # The generated batch's variables, read by the compiled step: state
+        # of this model, made by the first on-policy `fit`.
         self._generated_batch = None
-        self._on_policy_generator = None
         self.fused_loss = bool(fused_loss)
         self.chunk_size = chunk_size
         self.vocabulary_chunk_size = vocabulary_chunk_size
@@ -260,29 +257,12 @@ class CausalLMDistiller(Distiller):
         pass
 
     def compile(self, optimizer="adam", metrics=None, **kwargs):
-        if self.on_policy is not None:
-            student_metrics = [
-                m for m in [*(metrics or []), *(kwargs.get("weighted_metrics") or [])]
-                if not isinstance(m, TeacherStudentMetric)
-            ]
-            if student_metrics:
-                raise ValueError(
-                    "With `on_policy`, compiled `metrics` would compare the "
-                    "student's predictions on generated sequences with the "
-                    f"data's labels ({student_metrics}); compile with teacher "
-                    "metrics only (e.g. keras_distill.TeacherAgreement()), "
-                    "and evaluate label metrics separately."
-                )
-        if self.fused_loss:
-            if metrics or kwargs.get("weighted_metrics"):
-                raise ValueError(
-                    "fused_loss=True never materializes the student's logits, "
-                    "so compiled `metrics` cannot see them: compile without "
-                    "`metrics` (the loss terms are still reported), or use "
-                    "fused_loss=False."
-                )
-            self._fused_divergence = _fused_divergence(
-                kwargs.get("distillation_loss_fn")
+        all_metrics = [*(metrics or []), *(kwargs.get("weighted_metrics") or [])]
+        if self._on_policy_training is not None:
+            self._on_policy_training.check_metrics(all_metrics)
+        if self._fused_loss_path is not None:
+            self._fused_loss_path.compile(
+                all_metrics, kwargs.get("distillation_loss_fn")
             )
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
@@ -290,8 +270,8 @@ class CausalLMDistiller(Distiller):
         if training and self._generated_batch is not None:
             inputs, _, _ = self._generated_batch.select(inputs)
         inputs, _ = self._checked_inputs(inputs)
-        if self.fused_loss:
-            return self.student.backbone(inputs, training=training)
+        if self._fused_loss_path is not None:
+            return self._fused_loss_path.student_outputs(self.student, inputs, training)
         return super()._step_outputs(inputs, training)
 
     def _checked_inputs(self, x):
@@ -344,9 +324,9 @@ class CausalLMDistiller(Distiller):
             x, y, sample_weight = self._generated_batch.select(
                 x, y, sample_weight
             )
-        if self.fused_loss:
-            return self._compute_fused_loss(
-                x, y, y_pred, sample_weight, training
+        if self._fused_loss_path is not None:
+            return self._fused_loss_path.compute_loss(
+                self, x, y, y_pred, sample_weight, training
             )
         return super().compute_loss(
             x, y, y_pred, sample_weight=sample_weight, training=training
@@ -374,9 +354,9 @@ class CausalLMDistiller(Distiller):
         (`keras_distill.distillers.on_policy.TrainingBatches`) and an
         `on_policy.OnPolicyGenerator` callback generates the on-policy ones
         and logs `on_policy_fraction`, `generation_time_share` and
-        `generated_tokens_per_second`.
+        `generated_tokens_per_second` (see `on_policy.OnPolicyTraining`).
         """
-        if self.on_policy is None:
+        if self._on_policy_training is None:
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
                 callbacks=callbacks, validation_split=validation_split,
@@ -385,67 +365,21 @@ class CausalLMDistiller(Distiller):
                 **kwargs,
             )
         self._check_compiled("fit")
-        unsupported = {
-            "validation_split": validation_split,
-            "class_weight": class_weight,
-            "steps_per_epoch": kwargs.get("steps_per_epoch"),
-        }
-        for name, value in unsupported.items():
-            if value:
-                raise ValueError(
-                    f"`{name}` is not supported with `on_policy`; pass "
-                    "`validation_data`, `sample_weight` and whole epochs."
-                )
-        if getattr(self, "steps_per_execution", 1) != 1:
-            raise ValueError(
-                "`on_policy` generates between steps, so compile with "
-                "steps_per_execution=1."
-            )
-        if not isinstance(x, dict) or not {"token_ids", "padding_mask"} <= set(x):
-            raise TypeError(
-                "With `on_policy`, `x` must be a dict of NumPy arrays "
-                "'token_ids' and 'padding_mask' (the batches are cut and "
-                f"generated for here), got {type(x).__name__}."
-            )
-        if y is None:
-            raise ValueError("With `on_policy`, pass the labels `y`.")
-        batch_size = batch_size or 32
-        sequence_length = np.shape(x["token_ids"])[1]
-        self.on_policy.check_fit_data(sequence_length, sample_weight)
-        seed = self.on_policy.seed
-        if seed is None:
-            seed = int(np.random.randint(2**31 - 1))
-        batches = on_policy_module.TrainingBatches(
-            x, y, sample_weight, batch_size, shuffle, seed
+        self._on_policy_training.check_fit_options(
+            validation_split=validation_split,
+            class_weight=class_weight,
+            steps_per_epoch=kwargs.get("steps_per_epoch"),
+            steps_per_execution=getattr(self, "steps_per_execution", 1),
         )
-        generated = self._generated_batch
-        if generated is not None and (
-            generated.batch_size, generated.sequence_length
-        ) != (batch_size, sequence_length):
-            raise ValueError(
-                f"This distiller was fit with batches of shape "
-                f"{(generated.batch_size, generated.sequence_length)}; "
-                "on-policy training keeps one shape so nothing recompiles."
+        batches, generated_batch, generator_callback = (
+            self._on_policy_training.prepare_fit(
+                x, y, sample_weight, batch_size, shuffle, self._generated_batch
             )
-        if generated is None:
-            self._generated_batch = on_policy_module.GeneratedBatch(
-                batch_size, sequence_length, name="generated_batch"
-            )
+        )
+        if generated_batch is not self._generated_batch:
+            self._generated_batch = generated_batch
             # The step must be traced again to read the generated batch.
             self.train_function = None
-        if self._on_policy_generator is None:
-            config = self.on_policy
-            self._on_policy_generator = on_policy_module.SequenceGenerator(
-                self.student,
-                on_policy_module.make_sampler(
-                    config.sampler, config.temperature, seed
-                ),
-                config.stop_token_ids,
-            )
-        generator_callback = on_policy_module.OnPolicyGenerator(
-            self.on_policy, batches, self._generated_batch,
-            self._on_policy_generator, seed,
-        )
         self.on_policy_callback = generator_callback
         return super().fit(
             batches, epochs=epochs, verbose=verbose, shuffle=False,
@@ -453,7 +387,127 @@ class CausalLMDistiller(Distiller):
             callbacks=[generator_callback, *(callbacks or [])], **kwargs,
         )
 
-    def _fused_teacher(self, x, teacher_outputs, real):
+    def get_config(self):
+        config = super().get_config()
+        mapping = self._vocabulary_mapping
+        config.update(
+            vocabulary_mapping=None if mapping is None else mapping.tolist(),
+            fused_loss=self.fused_loss,
+            chunk_size=self.chunk_size,
+            vocabulary_chunk_size=self.vocabulary_chunk_size,
+            on_policy=None if self.on_policy is None else (
+                keras.saving.serialize_keras_object(self.on_policy)
+            ),
+        )
+        return config
+
+
+class _FusedLoss:
+    """The fused mode of a `CausalLMDistiller`: its loss from hidden states.
+
+    With `fused_loss=True` the step's student outputs are its backbone's last
+    hidden states, and `keras_distill.losses.fused.fused_distillation_loss`
+    computes the hard and the soft term from them and the student's output
+    embedding a tile of tokens by vocabulary at a time, so the student's
+    full logits never exist. The teacher's side is the batch's cached
+    logits or top-k targets, or else the teacher's own hidden states and
+    output embedding (then its full logits never exist either).
+
+    Args:
+        chunk_size: Tokens per tile (None: the fused loss's default).
+        vocabulary_chunk_size: Vocabulary entries per tile (None: its
+            default).
+    """
+
+    def __init__(self, chunk_size, vocabulary_chunk_size):
+        self.chunk_size = chunk_size
+        self.vocabulary_chunk_size = vocabulary_chunk_size
+        self.divergence = None
+        self.divergence_kwargs = {}
+
+    def compile(self, metrics, distillation_loss_fn):
+        """Refuses compiled metrics; resolves the tiled divergence.
+
+        Args:
+            metrics: The compiled `metrics` and `weighted_metrics`.
+            distillation_loss_fn: `compile`'s divergence.
+        """
+        if metrics:
+            raise ValueError(
+                "fused_loss=True never materializes the student's logits, "
+                "so compiled `metrics` cannot see them: compile without "
+                "`metrics` (the loss terms are still reported), or use "
+                "fused_loss=False."
+            )
+        self.divergence, self.divergence_kwargs = _fused_divergence(
+            distillation_loss_fn
+        )
+
+    def student_outputs(self, student, inputs, training):
+        """The student's last hidden states, the step's `y_pred`."""
+        return student.backbone(inputs, training=training)
+
+    def compute_loss(
+        self, distiller, x, y, hidden_states, sample_weight, training
+    ):
+        """`CausalLMDistiller.compute_loss` of the fused mode.
+
+        Args:
+            distiller: The `CausalLMDistiller`.
+            x: The batch's (checked) inputs.
+            y: Labels, or a dict of labels and cached teacher outputs.
+            hidden_states: The student's last hidden states.
+            sample_weight: Token weights, the padding mask included.
+            training: Whether this is a training step.
+
+        Returns:
+            The loss, finished by `Distiller._finish_loss`.
+        """
+        labels, teacher_outputs = split_targets(y)
+        if labels is None and distiller.alpha > 0:
+            raise ValueError(
+                f"The data has no labels `y` but alpha={distiller.alpha} "
+                "weights a hard-label loss: pass labels, or compile with "
+                "alpha=0."
+            )
+        x, checks = distiller._checked_inputs(x)
+        real = weighting.real_positions(sample_weight, hidden_states)
+        vocabulary_size = distiller._vocabulary_size
+        if labels is not None:
+            labels, label_checks = distiller._checked_labels(
+                labels, sample_weight, vocabulary_size
+            )
+            checks = checks + label_checks
+        teacher, teacher_finite = self._teacher(
+            distiller, x, teacher_outputs, real
+        )
+        student = distiller.student.backbone
+        terms = fused.fused_distillation_loss(
+            hidden_states,
+            _output_embedding(student)[:vocabulary_size],
+            labels=labels,
+            temperature=distiller.temperature,
+            alpha=distiller.alpha,
+            sample_weight=sample_weight,
+            soft_cap=_soft_cap(student),
+            divergence=self.divergence,
+            chunk_size=self.chunk_size,
+            vocabulary_chunk_size=self.vocabulary_chunk_size,
+            **teacher,
+            **self.divergence_kwargs,
+        )
+        return distiller._finish_loss(
+            loss=terms["loss"],
+            student_loss=terms["student_loss"],
+            distillation_loss=terms["distillation_loss"],
+            student_outputs=hidden_states,
+            sample_weight=sample_weight,
+            training=training,
+            teacher_finite=teacher_finite,
+            checks=checks,
+        )
+
+    def _teacher(self, distiller, x, teacher_outputs, real):
         """The teacher arguments of `fused_distillation_loss`, and finiteness.
 
         Positions outside `real` (padding) are zeroed before any check or
@@ -484,83 +538,29 @@ class CausalLMDistiller(Distiller):
             logits = ops.where(ruled_out, _MINUS_INF_STAND_IN, logits)
             finite = finite & ops.all(ops.isfinite(logits))
             return {"teacher_logits": ops.where(finite, logits, 0.0)}, finite
-        if self.teacher is None:
+        teacher = distiller.teacher
+        if teacher is None:
             raise ValueError(
                 "This Distiller has no teacher, so each batch's `y` must "
                 f"carry the teacher's outputs ('{TEACHER_LOGITS}', or "
                 f"'{TEACHER_TOP_LOG_PROBS}' and '{TEACHER_TOP_INDICES}')."
             )
         hidden_states = select(ops.stop_gradient(
-            self.teacher.backbone(x, training=False)
+            teacher.backbone(x, training=False)
         ))
-        embedding = _output_embedding(self.teacher.backbone)
-        if self._vocabulary_mapping is not None:
-            embedding = ops.take(embedding, self._vocabulary_mapping, axis=0)
+        embedding = _output_embedding(teacher.backbone)
+        if distiller._vocabulary_mapping is not None:
+            embedding = ops.take(
+                embedding, distiller._vocabulary_mapping, axis=0
+            )
         else:
-            embedding = embedding[: self._vocabulary_size]
+            embedding = embedding[: distiller._vocabulary_size]
         finite = ops.all(ops.isfinite(hidden_states))
         return {
             "teacher_hidden_states": ops.where(finite, hidden_states, 0.0),
             "teacher_embedding": ops.stop_gradient(embedding),
-            "teacher_soft_cap": _soft_cap(self.teacher.backbone),
+            "teacher_soft_cap": _soft_cap(teacher.backbone),
         }, finite
-
-    def _compute_fused_loss(
-        self, x, y, hidden_states, sample_weight, training=True
-    ):
-        labels, teacher_outputs = split_targets(y)
-        if labels is None and self.alpha > 0:
-            raise ValueError(
-                f"The data has no labels `y` but alpha={self.alpha} weights a "
-                "hard-label loss: pass labels, or compile with alpha=0."
-            )
-        x, checks = self._checked_inputs(x)
-        real = weighting.real_positions(sample_weight, hidden_states)
-        if labels is not None:
-            labels, label_checks = self._checked_labels(
-                labels, sample_weight, self._vocabulary_size
-            )
-            checks = checks + label_checks
-        teacher, teacher_finite = self._fused_teacher(x, teacher_outputs, real)
-        name, divergence_kwargs = self._fused_divergence
-        terms = fused.fused_distillation_loss(
-            hidden_states,
-            _output_embedding(self.student.backbone)[: self._vocabulary_size],
-            labels=labels,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            sample_weight=sample_weight,
-            soft_cap=_soft_cap(self.student.backbone),
-            divergence=name,
-            chunk_size=self.chunk_size,
-            vocabulary_chunk_size=self.vocabulary_chunk_size,
-            **teacher,
-            **divergence_kwargs,
-        )
-        return self._finish_loss(
-            loss=terms["loss"],
-            student_loss=terms["student_loss"],
-            distillation_loss=terms["distillation_loss"],
-            student_outputs=hidden_states,
-            sample_weight=sample_weight,
-            training=training,
-            teacher_finite=teacher_finite,
-            checks=checks,
-        )
-
-    def get_config(self):
-        config = super().get_config()
-        mapping = self._vocabulary_mapping
-        config.update(
-            vocabulary_mapping=None if mapping is None else mapping.tolist(),
-            fused_loss=self.fused_loss,
-            chunk_size=self.chunk_size,
-            vocabulary_chunk_size=self.vocabulary_chunk_size,
-            on_policy=None if self.on_policy is None else (
-                keras.saving.serialize_keras_object(self.on_policy)
-            ),
-        )
-        return config
 
 
 def _as_prompts_and_responses(preprocessor, texts):

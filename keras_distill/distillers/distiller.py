@@ -6,6 +6,12 @@ import math
 
 import keras
 from keras import ops
+
+# Keras 3 has no public form of these two, and the package's only private
+# Keras imports are here. `scale_loss_for_distribution` is what Keras's own
+# `compute_loss` returns through (it divides by the `tf.distribute` replicas);
+# `tracking.no_automatic_dependency_tracking` is how Keras keeps its compiled
+# metrics out of a model's tracked state, which teacher metrics need too.
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.utils import tracking
 
@@ -884,56 +890,15 @@ class Distiller(keras.Model):
                 "The Distiller expects the student to return one logits "
                 f"tensor, got {type(y_pred).__name__}."
             )
-        x, checks = self._checked_inputs(x)
+        x, input_checks = self._checked_inputs(x)
         sample_weight = single_sample_weight(sample_weight)
         student_logits = ops.cast(y_pred, "float32")
-        # Where the weight is zero (padding), the teacher's logits are
-        # replaced before any maths (see `_dense_distillation_loss`).
-        real = weighting.real_positions(sample_weight, student_logits)
-        if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
-            distillation_loss, teacher_finite, teacher_checks = (
-                self._sparse_distillation_loss(
-                    teacher_outputs, self._shared_logits(student_logits),
-                    sample_weight, real,
-                )
-            )
-        else:
-            if teacher_outputs is not None:
-                teacher_logits = teacher_outputs[TEACHER_LOGITS]
-            elif self.teacher is None:
-                raise ValueError(
-                    "This Distiller has no teacher, so each batch's `y` must "
-                    f"carry the teacher's outputs: a dict with "
-                    f"'{TEACHER_LOGITS}' (or '{TEACHER_TOP_LOG_PROBS}' and "
-                    f"'{TEACHER_TOP_INDICES}') and 'labels'."
-                )
-            else:
-                teacher_logits = self._teacher_logits(x)
-            distillation_loss, teacher_finite, teacher_checks = (
-                self._dense_distillation_loss(
-                    teacher_logits, self._shared_logits(student_logits),
-                    sample_weight, real,
-                )
-            )
-        if labels is None and self.alpha > 0:
-            raise ValueError(
-                f"The data has no labels `y` but alpha={self.alpha} weights a "
-                "hard-label loss: pass labels, or compile with alpha=0 to "
-                "learn from the teacher alone."
-            )
-        if self._student_losses is None or labels is None:
-            student_loss = ops.zeros((), "float32")
-        else:
-            takes_classes, ignore_class = self._label_check
-            if takes_classes:
-                labels, label_checks = self._checked_labels(
-                    labels, sample_weight, student_logits.shape[-1],
-                    ignore_class,
-                )
-                checks = checks + label_checks
-            student_loss = weighting.weighted_reduce(
-                self._student_losses(labels, student_logits), sample_weight
-            )
+        distillation_loss, teacher_finite, teacher_checks, teacher_logits = (
+            self._soft_loss(x, teacher_outputs, student_logits, sample_weight)
+        )
+        student_loss, label_checks = self._hard_loss(
+            labels, student_logits, sample_weight
+        )
         loss = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         if self.feature_distillation is not None:
             if teacher_outputs is not None:
@@ -943,7 +908,6 @@ class Distiller(keras.Model):
                     "the teacher model and plain labels as `y`."
                 )
             loss = loss + self.feature_distillation.compute_loss(sample_weight)
-        top_k = teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs
         return self._finish_loss(
             loss=loss,
             student_loss=student_loss,
@@ -952,10 +916,71 @@ class Distiller(keras.Model):
             sample_weight=sample_weight,
             training=training,
             teacher_finite=teacher_finite,
-            checks=checks + teacher_checks,
-            teacher_logits=None if top_k else teacher_logits,
+            checks=input_checks + label_checks + teacher_checks,
+            teacher_logits=teacher_logits,
             student_logits=self._shared_logits(student_logits),
         )
+
+    def _soft_loss(self, x, teacher_outputs, student_logits, sample_weight):
+        """The divergence term, on the path the batch's teacher targets take.
+
+        Top-k targets in `y` take `_sparse_distillation_loss`; dense logits
+        in `y`, or else the teacher's own for `x`, take
+        `_dense_distillation_loss`. Both select the positions that count
+        (`losses.real_positions`) before any maths.
+
+        Returns:
+            `(divergence, teacher_finite, checks, teacher_logits)`, where
+            `teacher_logits` (for compiled teacher metrics) is None on the
+            top-k path.
+        """
+        shared_logits = self._shared_logits(student_logits)
+        real = weighting.real_positions(sample_weight, student_logits)
+        if teacher_outputs is not None and TEACHER_TOP_INDICES in teacher_outputs:
+            terms = self._sparse_distillation_loss(
+                teacher_outputs, shared_logits, sample_weight, real
+            )
+            return (*terms, None)
+        if teacher_outputs is not None:
+            teacher_logits = teacher_outputs[TEACHER_LOGITS]
+        elif self.teacher is None:
+            raise ValueError(
+                "This Distiller has no teacher, so each batch's `y` must "
+                f"carry the teacher's outputs: a dict with "
+                f"'{TEACHER_LOGITS}' (or '{TEACHER_TOP_LOG_PROBS}' and "
+                f"'{TEACHER_TOP_INDICES}') and 'labels'."
+            )
+        else:
+            teacher_logits = self._teacher_logits(x)
+        terms = self._dense_distillation_loss(
+            teacher_logits, shared_logits, sample_weight, real
+        )
+        return (*terms, teacher_logits)
+
+    def _hard_loss(self, labels, student_logits, sample_weight):
+        """`(student_loss, checks)`: the weighted hard-label term, or 0.
+
+        Class labels (for `SparseCategoricalCrossentropy`) are checked
+        against the student's classes first (`_checked_labels`).
+        """
+        if labels is None and self.alpha > 0:
+            raise ValueError(
+                f"The data has no labels `y` but alpha={self.alpha} weights a "
+                "hard-label loss: pass labels, or compile with alpha=0 to "
+                "learn from the teacher alone."
+            )
+        if self._student_losses is None or labels is None:
+            return ops.zeros((), "float32"), []
+        checks = []
+        takes_classes, ignore_class = self._label_check
+        if takes_classes:
+            labels, checks = self._checked_labels(
+                labels, sample_weight, student_logits.shape[-1], ignore_class
+            )
+        student_loss = weighting.weighted_reduce(
+            self._student_losses(labels, student_logits), sample_weight
+        )
+        return student_loss, checks
 
     def _finish_loss(
         self,
@@ -1000,7 +1025,10 @@ class Distiller(keras.Model):
             training: Whether this is a training step; only those normalize
                 over gradient accumulation.
             teacher_finite: bool scalar, False when the teacher's outputs
-                for this batch were not finite.
+                for this batch were not finite. `loss` must be finite even
+                then, computed from a finite stand-in for the teacher (the
+                dense loss uses the student's own logits): the zero gradient
+                of NaN maths would be NaN.
             checks: The step's checks, `(code, failed, value, limit)` tuples
                 of scalars (see `_record_checks`), e.g. from
                 `_checked_inputs` and `_checked_labels`.
@@ -1021,13 +1049,17 @@ class Distiller(keras.Model):
         >>> class LogitMatching(Distiller):
         ...     def compute_loss(self, x=None, y=None, y_pred=None,
         ...                      sample_weight=None, training=True):
-        ...         teacher_logits = self.teacher(x, training=False)
-        ...         distance = ops.mean(
-        ...             ops.square(ops.stop_gradient(teacher_logits) - y_pred))
+        ...         teacher_logits = ops.stop_gradient(
+        ...             self.teacher(x, training=False))
+        ...         finite = ops.all(ops.isfinite(teacher_logits))
+        ...         teacher_logits = ops.where(
+        ...             finite, teacher_logits, ops.stop_gradient(y_pred))
+        ...         distance = ops.mean(ops.square(teacher_logits - y_pred))
         ...         return self._finish_loss(
         ...             loss=distance, student_loss=ops.zeros(()),
         ...             distillation_loss=distance, student_outputs=y_pred,
-        ...             sample_weight=sample_weight, training=training)
+        ...             sample_weight=sample_weight, training=training,
+        ...             teacher_finite=finite)
         >>> teacher = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         >>> student = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
         >>> distiller = LogitMatching(student=student, teacher=teacher)

@@ -43,7 +43,9 @@ import numpy as np
 from keras import ops
 
 from keras_distill import checks
+from keras_distill.language_models.hub import _check_causal_lm
 from keras_distill.language_models.hub import _keras_hub
+from keras_distill.metrics import TeacherStudentMetric
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p")
 
@@ -386,8 +388,6 @@ def generate_sequences(
     >>> weight.tolist()[0]
     [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     """
-    from keras_distill.language_models.hub import _check_causal_lm
-
     _check_causal_lm("causal_lm", causal_lm)
     prompt_ids, prompt_mask = _as_prompts(prompts)
     checks.check_positive_int("max_new_tokens", max_new_tokens)
@@ -801,3 +801,158 @@ class OnPolicyGenerator(keras.callbacks.Callback):
             if self._generation_seconds
             else 0.0
         )
+
+
+class OnPolicyTraining:
+    """The on-policy mode of a `CausalLMDistiller`: its checks and each `fit`.
+
+    A `CausalLMDistiller` built with `on_policy` holds one and delegates to
+    it: `compile` to `check_metrics`, `fit` to `check_fit_options` and
+    `prepare_fit`, which cut the batches, make the `GeneratedBatch` whose
+    variables the compiled step reads in place of its input batch, and the
+    `OnPolicyGenerator` callback that fills them. The student's
+    `SequenceGenerator` is made at the first `fit` and kept, so generation
+    compiles once.
+
+    Args:
+        config: The `OnPolicyGeneration`.
+        student: The student `keras_hub.models.CausalLM`, which generates.
+        teacher: The teacher model; required, since it scores the student's
+            generations, which no cache holds.
+
+    Example:
+
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.Gemma3Backbone(
+    ...     vocabulary_size=20, image_size=None, num_layers=1,
+    ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
+    ...     intermediate_dim=16, head_dim=8)
+    >>> student = keras_hub.models.Gemma3CausalLM(
+    ...     backbone=backbone, preprocessor=None)
+    >>> training = OnPolicyTraining(
+    ...     OnPolicyGeneration(fraction=1.0, prompt_length=2, seed=0),
+    ...     student, teacher=student)
+    >>> x = {"token_ids": np.ones((3, 6), "int32"),
+    ...      "padding_mask": np.ones((3, 6), bool)}
+    >>> batches, generated, callback = training.prepare_fit(
+    ...     x, np.ones((3, 6), "int32"), batch_size=2)
+    >>> len(batches), (generated.batch_size, generated.sequence_length)
+    (2, (2, 6))
+    """
+
+    def __init__(self, config, student, teacher):
+        if not isinstance(config, OnPolicyGeneration):
+            raise TypeError(
+                "`on_policy` must be a keras_distill.distillers.on_policy."
+                f"OnPolicyGeneration, got {type(config).__name__}."
+            )
+        if teacher is None:
+            raise ValueError(
+                "`on_policy` needs the `teacher` model: it scores the "
+                "student's generations, which no cache holds."
+            )
+        self.config = config
+        self.student = student
+        self.generator = None
+
+    def check_metrics(self, metrics):
+        """Refuses compiled label metrics; teacher–student ones are fine.
+
+        Args:
+            metrics: The compiled `metrics` and `weighted_metrics`.
+        """
+        student_metrics = [
+            m for m in metrics if not isinstance(m, TeacherStudentMetric)
+        ]
+        if student_metrics:
+            raise ValueError(
+                "With `on_policy`, compiled `metrics` would compare the "
+                "student's predictions on generated sequences with the "
+                f"data's labels ({student_metrics}); compile with teacher "
+                "metrics only (e.g. keras_distill.TeacherAgreement()), "
+                "and evaluate label metrics separately."
+            )
+
+    def check_fit_options(
+        self, validation_split, class_weight, steps_per_epoch, steps_per_execution
+    ):
+        """Refuses the `fit` and `compile` options on-policy training lacks."""
+        unsupported = {
+            "validation_split": validation_split,
+            "class_weight": class_weight,
+            "steps_per_epoch": steps_per_epoch,
+        }
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(
+                    f"`{name}` is not supported with `on_policy`; pass "
+                    "`validation_data`, `sample_weight` and whole epochs."
+                )
+        if steps_per_execution != 1:
+            raise ValueError(
+                "`on_policy` generates between steps, so compile with "
+                "steps_per_execution=1."
+            )
+
+    def prepare_fit(
+        self,
+        x,
+        y,
+        sample_weight=None,
+        batch_size=None,
+        shuffle=True,
+        generated_batch=None,
+    ):
+        """The batches, generated batch and callback of one on-policy `fit`.
+
+        Args:
+            x: Dict of NumPy `"token_ids"` and `"padding_mask"` arrays.
+            y: The labels.
+            sample_weight: Optional weights (per-row prompts read them).
+            batch_size: Examples per batch (default 32).
+            shuffle: Whether each epoch permutes the examples.
+            generated_batch: The `GeneratedBatch` of an earlier `fit`, or
+                None.
+
+        Returns:
+            `(batches, generated_batch, callback)`: the `TrainingBatches` to
+            fit on, `generated_batch` (a new one when None was given), and
+            the `OnPolicyGenerator` callback to add to the `fit`.
+        """
+        if not isinstance(x, dict) or not {"token_ids", "padding_mask"} <= set(x):
+            raise TypeError(
+                "With `on_policy`, `x` must be a dict of NumPy arrays "
+                "'token_ids' and 'padding_mask' (the batches are cut and "
+                f"generated for here), got {type(x).__name__}."
+            )
+        if y is None:
+            raise ValueError("With `on_policy`, pass the labels `y`.")
+        batch_size = batch_size or 32
+        sequence_length = np.shape(x["token_ids"])[1]
+        self.config.check_fit_data(sequence_length, sample_weight)
+        seed = self.config.seed
+        if seed is None:
+            seed = int(np.random.randint(2**31 - 1))
+        batches = TrainingBatches(x, y, sample_weight, batch_size, shuffle, seed)
+        if generated_batch is None:
+            generated_batch = GeneratedBatch(
+                batch_size, sequence_length, name="generated_batch"
+            )
+        elif (generated_batch.batch_size, generated_batch.sequence_length) != (
+            batch_size, sequence_length
+        ):
+            raise ValueError(
+                f"This distiller was fit with batches of shape "
+                f"{(generated_batch.batch_size, generated_batch.sequence_length)}; "
+                "on-policy training keeps one shape so nothing recompiles."
+            )
+        if self.generator is None:
+            self.generator = SequenceGenerator(
+                self.student,
+                make_sampler(self.config.sampler, self.config.temperature, seed),
+                self.config.stop_token_ids,
+            )
+        callback = OnPolicyGenerator(
+            self.config, batches, generated_batch, self.generator, seed
+        )
+        return batches, generated_batch, callback
