@@ -209,6 +209,7 @@ def without_resource():
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_import_works_without_resource(without_resource):
     assert without_resource["resource_imported"] is False
     # Only the running backend's module (and what it shares) was imported.

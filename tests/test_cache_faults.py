@@ -79,6 +79,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_directory_give_one_correct_cache(tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()

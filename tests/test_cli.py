@@ -251,6 +251,7 @@ def test_cache_command_stores_the_teachers_logits(tmp_path, capsys):
     np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_backend_option_runs_the_example_on_that_backend(tmp_path):
     """End to end in a new process: restart, training, table, JSON, PNGs."""
     backend = _other_backend()

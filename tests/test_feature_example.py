@@ -25,6 +25,7 @@ def quick_run(tmp_path_factory):
     return output_dir, results, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_quick_run_prints_one_table_of_every_technique(quick_run):
     _, _, printed = quick_run
     for row in (
@@ -42,6 +43,7 @@ def test_quick_run_prints_one_table_of_every_technique(quick_run):
     assert "examples/quantize_student.py" in printed
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_and_keeps_projections_out_of_students(quick_run):
     output_dir, results, _ = quick_run
     written = json.loads((output_dir / "results.json").read_text())

@@ -473,6 +473,7 @@ def test_gemma3_attention_probabilities_reproduce_the_attention_output(gemma_pai
     assert np.all(np.triu(probs, k=1) < 1e-6)
 
 
+@pytest.mark.slow
 def test_gemma_pair_by_block_index_with_hidden_and_attention_terms(gemma_pair, tmp_path):
     from keras_distill.distillers.causal_lm import CausalLMDistiller
 
@@ -600,6 +601,7 @@ def test_bert_feature_terms_ignore_padded_positions(bert_pair):
         np.testing.assert_allclose(before[key], after[key], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bert_pair_distills_hidden_states_and_attention(bert_pair):
     teacher = bert_pair[1]
     student = bert(2, 8, 2, seed=0)  # a fresh one: this test trains it

@@ -89,6 +89,7 @@ def test_window_batches_with_one_seed_are_the_same_batches():
     assert sorted(rows.tolist()) == list(range(10))
 
 
+@pytest.mark.slow
 def test_real_teacher_recipe_end_to_end_on_a_tiny_preset(preset_dir, tmp_path):
     results = gemma_example.main(
         [

@@ -314,6 +314,7 @@ def test_bfloat16_load(source, exported):
     assert np.abs(logits - reference).max() < 0.1 * np.abs(reference).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_tokenizer_ids_match_the_source_sentencepiece_model(tokenizers, tmp_path, kind):
     tokenizer = tokenizers[kind]

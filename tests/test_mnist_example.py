@@ -41,6 +41,7 @@ def quick_run(tmp_path_factory):
     return output_dir, results, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_quick_run_prints_the_table(quick_run):
     _, results, printed = quick_run
     table = printed[printed.index("model "):]
@@ -56,6 +57,7 @@ def test_quick_run_prints_the_table(quick_run):
     assert f"{results['teacher']['params']:,}" in rows[1]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_and_models(quick_run):
     output_dir, results, _ = quick_run
     saved = json.loads((output_dir / "results.json").read_text())
@@ -83,6 +85,7 @@ def test_quick_run_writes_results_and_models(quick_run):
     ]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_both_plots(quick_run):
     output_dir, _, _ = quick_run
     for name in ("softened_distributions.png", "learning_curves.png"):

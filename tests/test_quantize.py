@@ -70,6 +70,7 @@ def test_quantized_copy_leaves_the_float_student_unchanged(trained, mnist, mode)
     assert agreement > 0.95
 
 
+@pytest.mark.slow
 def test_comparison_rows_match_independent_measurements(trained, mnist, tmp_path):
     teacher, student = trained
     _, _, x_test, y_test = mnist

@@ -240,6 +240,7 @@ def test_one_training_step_updates_every_weight():
         ), weight.path
 
 
+@pytest.mark.slow
 def test_quick_run_prints_soft_targets_and_the_table(quick_run):
     _, results, printed = quick_run
     assert "Teacher's soft targets (T = 1 | T = " in printed
@@ -257,6 +258,7 @@ def test_quick_run_prints_soft_targets_and_the_table(quick_run):
     assert f"{results['teacher']['params']:,}" in table[1]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results_models_and_plots(quick_run):
     output_dir, results, _ = quick_run
     saved = json.loads((output_dir / "results.json").read_text())
@@ -284,6 +286,7 @@ def test_quick_run_writes_results_models_and_plots(quick_run):
             assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_quick_run_accuracy_is_recomputed_from_the_saved_student(quick_run):
     output_dir, results, _ = quick_run
     splits = example.split_phrasebank(DATA_DIR)
@@ -302,6 +305,7 @@ def test_quick_run_accuracy_is_recomputed_from_the_saved_student(quick_run):
     )
 
 
+@pytest.mark.slow
 def test_soft_targets_are_distributions_softened_by_temperature(quick_run):
     _, results, _ = quick_run
     assert len(results["soft_targets"]) == 6
@@ -398,6 +402,7 @@ def minilm_run(tmp_path_factory, tiny_bert_preset):
     return output_dir, results, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_minilm_run_prints_the_source_table_and_timings(minilm_run,
                                                         tiny_bert_preset):
     _, results, printed = minilm_run
@@ -428,6 +433,7 @@ def test_minilm_run_prints_the_source_table_and_timings(minilm_run,
     }
 
 
+@pytest.mark.slow
 def test_minilm_run_writes_results_models_and_the_cache(minilm_run,
                                                        tiny_teacher, splits):
     output_dir, results, _ = minilm_run
@@ -475,6 +481,7 @@ def test_minilm_run_writes_results_models_and_the_cache(minilm_run,
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_minilm_run_accuracy_is_recomputed_from_the_saved_student(
     minilm_run, tiny_teacher, splits
 ):
