@@ -143,6 +143,7 @@ def test_jit_compiled_accumulation_matches_eager_concatenated_steps():
     np.testing.assert_allclose(jit_losses, eager_losses, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     keras.backend.backend() != "torch", reason="torch.compile's partitioning"
 )

@@ -161,6 +161,7 @@ def test_all_padding_batch_gives_zero_loss_and_no_update(models, batch):
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.slow
 def test_fit_moves_the_student_to_the_teacher(models, batch):
     tokenizer, teacher = models[0].preprocessor.tokenizer, models[1]
     student = _gemma(tokenizer, 16, seed=1)
@@ -322,6 +323,7 @@ def test_language_model_windows_on_shakespeare(tokenizer):
         language_models.language_model_windows(tokenizer, text, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("soft_cap", [None, 1.5])
 def test_fused_loss_equals_dense_loss_and_trains_the_same(tokenizer, batch, soft_cap):
     # Teacher and student both soft-cap their logits when `soft_cap` is set:
@@ -383,6 +385,7 @@ def test_fused_loss_refuses_metrics_and_unknown_divergences(models):
 # ---- what slipped through (issue 14) ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_loss", [False, True])
 def test_predict_returns_student_logits_and_the_model_stays_usable(
     tokenizer, models, batch, fused_loss

@@ -523,6 +523,7 @@ class _RSSLog(keras.callbacks.Callback):
         self.rss.append(_rss_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not Path("/proc/self/statm").exists(), reason="needs Linux /proc"
 )

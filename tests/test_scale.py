@@ -68,6 +68,7 @@ def loss_value(model, x, labels, weight):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "policy, tolerance, fused_loss",
     [
@@ -136,6 +137,7 @@ def test_rematerialized_student_gives_the_same_loss_and_gradients():
         np.testing.assert_allclose(remat_weight, plain_weight, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused_loss", [False, True])
 def test_accumulation_matches_the_concatenated_batch(fused_loss):
     """4 micro-batches of 2 sequences (one all padding) = one batch of 8."""
