@@ -37,11 +37,14 @@ def np_divergence(name, teacher, student, temperature, beta=0.5, skew=0.1):
     p, q = np.exp(log_p), np.exp(log_q)
 
     def kl(p, log_p, log_r):
-        return (p * (log_p - log_r)).sum(axis=-1)
+        # 0 · log 0 = 0: classes with p = 0 (a -inf teacher logit) add nothing.
+        return np.where(p > 0, p * (np.where(p > 0, log_p, 0.0) - log_r), 0.0).sum(
+            axis=-1
+        )
 
     if name == "forward_kl" or (name == "generalized_jsd" and beta == 0.0):
         value = kl(p, log_p, log_q)
-    elif name == "reverse_kl":
+    elif name == "reverse_kl" or (name == "generalized_jsd" and beta == 1.0):
         value = kl(q, log_q, log_p)
     elif name == "total_variation":
         value = 0.5 * np.abs(p - q).sum(axis=-1)
@@ -151,6 +154,9 @@ CHUNKED_CASES = [(name, kwargs, 2.0) for name, kwargs in DIVERGENCE_CASES] + [
     ("forward_kl", {}, 0.5),
     ("forward_kl", {}, 1.0),
     ("reverse_kl", {}, 4.0),
+    # The limits: reverse KL, forward KL.
+    ("generalized_jsd", {"beta": 1.0}, 2.0),
+    ("skew_kl", {"skew": 0.0}, 2.0),
 ]
 
 
@@ -181,6 +187,59 @@ def test_chunked_loss_matches_numpy_and_dense_loss(name, kwargs, temperature):
         assert_close(
             gradient, np_forward_kl_gradient(teacher, student, temperature, mask)
         )
+
+
+RULING_OUT_CASES = [c for c in DIVERGENCE_CASES if c[0] != "reverse_kl"]
+
+
+@pytest.mark.parametrize("name,kwargs", RULING_OUT_CASES)
+def test_tiled_losses_of_teacher_logits_of_minus_inf_are_finite(name, kwargs):
+    # A -inf teacher logit rules its class out (0 · log 0 = 0), in every tile
+    # as in the dense loss; a whole vocabulary block of it leaves that tile
+    # with no teacher mass at all.
+    case = LanguageModelCase(seed=11)
+    teacher = case.teacher_logits()
+    teacher[..., :5] = -np.inf
+    teacher[0, 1, 7:9] = -np.inf
+    mask = padding_mask()
+    expected = np_mean(np_divergence(name, teacher, random_logits(1), 2.0, **kwargs), mask)
+    value, gradient = value_and_grad(
+        lambda s: fused.chunked_distillation_loss(
+            teacher, s, 2.0, sample_weight=mask, divergence=name, chunk_size=3,
+            **kwargs,
+        ),
+        random_logits(1),
+    )
+    _, dense_gradient = value_and_grad(
+        lambda s: losses.DIVERGENCES[name](
+            teacher, s, 2.0, sample_weight=mask, **kwargs
+        ),
+        random_logits(1),
+    )
+    assert_close(value, expected)
+    assert_close(gradient, dense_gradient)
+
+    def fused_loss(packed):
+        hidden, embedding = case.unpack(packed)
+        return fused.fused_distillation_loss(
+            hidden, embedding, teacher_logits=teacher, temperature=2.0,
+            alpha=0.0, sample_weight=mask, divergence=name, chunk_size=3,
+            vocabulary_chunk_size=5, **kwargs,
+        )["loss"]
+
+    value, gradient = value_and_grad(fused_loss, case.packed())
+    student_logits = case.hidden.astype(np.float64) @ case.embedding.T
+    expected = np_mean(np_divergence(name, teacher, student_logits, 2.0, **kwargs), mask)
+    _, dense_gradient = value_and_grad(
+        lambda packed: losses.DIVERGENCES[name](
+            teacher, case.dense_student_logits(packed), 2.0, sample_weight=mask,
+            **kwargs,
+        ),
+        case.packed(),
+    )
+    assert_close(value, expected)
+    assert np.all(np.isfinite(gradient))
+    assert_close(gradient, dense_gradient)
 
 
 @pytest.mark.parametrize("chunk_size", (1, 3, 14, 100, None))
@@ -670,6 +729,11 @@ def test_fused_teacher_embedding_must_match_the_vocabulary():
         ({"chunk_size": 0}, ValueError, "`chunk_size` must be a Python int >= 1"),
         ({"chunk_size": "8"}, TypeError, "`chunk_size` must be a Python int >= 1"),
         ({"divergence": "jsd"}, ValueError, "`divergence` must be one of"),
+        (
+            {"divergence": "forward_kl", "beta": 0.5},
+            TypeError,
+            "forward_kl takes no argument 'beta'",
+        ),
         (
             {"divergence": "generalized_jsd", "beta": 2.0},
             ValueError,

@@ -114,6 +114,85 @@ def test_extreme_logits_are_exact_and_finite(name, kwargs, temperature):
     assert np.all(np.isfinite(grad))
 
 
+def np_divergence_ruling_out(name, teacher, student, temperature, **kwargs):
+    """`np_divergence` where the teacher has probability-0 classes (`0 · log 0 = 0`)."""
+    log_p = np_log_softmax(teacher, temperature)
+    log_q = np_log_softmax(student, temperature)
+    p, q = np.exp(log_p), np.exp(log_q)
+
+    def kl_from_p(log_r):
+        kept = p > 0
+        return np.where(kept, p * (np.where(kept, log_p, 0.0) - log_r), 0.0).sum(-1)
+
+    if name == "forward_kl":
+        value = kl_from_p(log_q)
+    elif name == "total_variation":
+        value = 0.5 * np.abs(p - q).sum(axis=-1)
+    elif name == "skew_kl":
+        value = kl_from_p(np.log(kwargs["skew"] * p + (1 - kwargs["skew"]) * q))
+    else:
+        beta = kwargs["beta"]
+        log_m = np.log(beta * p + (1 - beta) * q)
+        value = (
+            beta * kl_from_p(log_m) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+        ) / (beta * (1 - beta))
+    return temperature**2 * value
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] != "reverse_kl"])
+def test_teacher_logits_of_minus_inf_rule_their_classes_out(name, kwargs):
+    teacher, student = random_logits(12)
+    teacher[:, :2] = -np.inf
+    teacher[0, 2:5] = -np.inf
+    fn = losses.DIVERGENCES[name]
+    value, grad = value_and_grad(
+        lambda s: fn(teacher, s, 2.0, reduction="sum", **kwargs), student
+    )
+    expected = np_divergence_ruling_out(name, teacher, student, 2.0, **kwargs)
+    np.testing.assert_allclose(value, expected.sum(), rtol=2e-5)
+    assert np.all(np.isfinite(grad))
+    # Each class the teacher rules out gets the student's gradient T·q·(...)
+    # of a finite loss; the forward KL's is exactly T·q.
+    if name == "forward_kl":
+        q = np.exp(np_log_softmax(student, 2.0))
+        np.testing.assert_allclose(grad[:, :2], 2.0 * q[:, :2], rtol=1e-4)
+
+
+def test_reverse_kl_of_a_class_the_teacher_rules_out_is_infinite():
+    teacher, student = random_logits(13)
+    teacher[0, 1] = -np.inf
+    value = ops.convert_to_numpy(losses.reverse_kl(teacher, student, reduction="none"))
+    assert value[0] == np.inf
+    assert np.all(np.isfinite(value[1:]))
+
+
+@pytest.mark.parametrize(
+    "fn,kwargs,limit",
+    [
+        (losses.generalized_jsd, {"beta": 0.0}, losses.forward_kl),
+        (losses.generalized_jsd, {"beta": 1.0}, losses.reverse_kl),
+        (losses.skew_kl, {"skew": 0.0}, losses.forward_kl),
+    ],
+)
+def test_limits_are_exactly_the_limit_divergence(fn, kwargs, limit):
+    teacher, student = random_logits(14)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(fn(teacher, student, 2.0, reduction="none", **kwargs)),
+        ops.convert_to_numpy(limit(teacher, student, 2.0, reduction="none")),
+    )
+
+
+def test_elementwise_divergence_names_unknown_divergences_and_arguments():
+    with pytest.raises(ValueError, match="`divergence` must be one of"):
+        losses.divergences.elementwise_divergence("kl")
+    with pytest.raises(TypeError, match="forward_kl takes no argument 'beta'"):
+        losses.divergences.elementwise_divergence("forward_kl", beta=0.5)
+    with pytest.raises(ValueError, match="`beta` must be in"):
+        losses.divergences.elementwise_divergence("generalized_jsd", beta=2.0)
+    # Missing arguments take the function's defaults (beta=0.5, skew=0.1).
+    assert losses.divergences.elementwise_divergence("skew_kl").name == "skew_kl"
+
+
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_forward_kl_gradient_is_temperature_times_probability_gap(temperature):
     teacher, student = random_logits(1)

@@ -22,7 +22,10 @@ Conventions shared by every divergence:
   the student gives every class some mass.
 """
 
+import functools
+import inspect
 import math
+import typing
 
 import keras
 from keras import ops
@@ -53,16 +56,256 @@ def _softened_log_probs(teacher_logits, student_logits, temperature):
     return teacher_log_probs, student_log_probs
 
 
-def _kl(log_p, log_q):
-    """KL(P || Q) over the last axis from log-probabilities.
+class LogProbabilities:
+    """The teacher's `log p` and the student's `log q` at one set of positions.
 
-    A class that P rules out (log p = -inf, e.g. a teacher logit of -inf that
-    masks it) adds p·(log p − log q) = 0, not 0·(−inf) = NaN: its log p is
-    replaced before the product, so no NaN reaches the value or a gradient.
+    A divergence's terms and slopes read `p`, `q` and mixtures of the two
+    from here, so each is computed once however many of them ask for it.
+
+    Args:
+        log_p: Teacher log-probabilities, `(..., classes)` (a tile, or all).
+        log_q: Student log-probabilities, the same shape.
+
+    Example:
+
+    >>> x = LogProbabilities(
+    ...     keras.ops.log(keras.ops.convert_to_tensor([[0.5, 0.5]])),
+    ...     keras.ops.log(keras.ops.convert_to_tensor([[0.9, 0.1]])),
+    ... )
+    >>> [round(v, 4) for v in keras.ops.convert_to_numpy(x.q)[0].tolist()]
+    [0.9, 0.1]
     """
-    p = ops.exp(log_p)
-    log_p = ops.where(ops.equal(p, 0.0), 0.0, log_p)
-    return ops.sum(p * (log_p - log_q), axis=-1)
+
+    def __init__(self, log_p, log_q):
+        self.log_p = log_p
+        self.log_q = log_q
+        self._log_mixtures = {}
+
+    @functools.cached_property
+    def p(self):
+        return ops.exp(self.log_p)
+
+    @functools.cached_property
+    def q(self):
+        return ops.exp(self.log_q)
+
+    def log_mixture(self, weight):
+        """`log(weight · p + (1 - weight) · q)` for `0 < weight < 1`."""
+        if weight not in self._log_mixtures:
+            self._log_mixtures[weight] = ops.logaddexp(
+                self.log_p + math.log(weight), self.log_q + math.log1p(-weight)
+            )
+        return self._log_mixtures[weight]
+
+
+# The most negative float32. It stands in for `log p = -inf` in `_kl_terms`:
+# every `p > 0` has `log p > -104`, which it leaves as it is.
+_LOG_ZERO = -3.4028235e38
+
+
+def _kl_terms(p, log_p, log_r):
+    """Elementwise `p · (log p - log r)`, the terms of `KL(P || R)`.
+
+    Where `p` is 0 (a class P rules out: `log p = -inf`) the term is
+    `0 · (finite) = 0`, not `0 · (-inf) = NaN`, with a zero gradient: `log p`
+    is raised to the most negative float32 first, which changes no class
+    with `p > 0`. (One `maximum`, not a `where`: PyTorch's CPU `where` costs
+    as much as an `exp`, and the tiled losses run this on every tile.)
+    """
+    return p * (ops.maximum(log_p, _LOG_ZERO) - log_r)
+
+
+# Each divergence `D(P, Q) = Σ_v f(log p_v, log q_v)`, defined once: its
+# elementwise terms `f` and their slope `∂f/∂log q` (what the tiled losses'
+# hand-written backward pass needs; the dense functions differentiate the
+# terms), as functions of `LogProbabilities` and the divergence's arguments.
+
+
+def _forward_kl_terms(x):
+    return _kl_terms(x.p, x.log_p, x.log_q)
+
+
+def _forward_kl_slopes(x):
+    return -x.p
+
+
+def _reverse_kl_terms(x):
+    return _kl_terms(x.q, x.log_q, x.log_p)
+
+
+def _reverse_kl_slopes(x):
+    return x.q * (x.log_q - x.log_p + 1.0)
+
+
+def _generalized_jsd_terms(x, beta):
+    log_m = x.log_mixture(beta)
+    mixed = beta * _kl_terms(x.p, x.log_p, log_m) + (1.0 - beta) * _kl_terms(
+        x.q, x.log_q, log_m
+    )
+    return mixed / (beta * (1.0 - beta))
+
+
+def _generalized_jsd_slopes(x, beta):
+    # The mixture's own dependence on log q cancels: (1-β) q (log q - log m),
+    # over the β(1-β) normalization.
+    return x.q * (x.log_q - x.log_mixture(beta)) / beta
+
+
+def _total_variation_terms(x):
+    return 0.5 * ops.abs(x.q - x.p)
+
+
+def _total_variation_slopes(x):
+    return 0.5 * ops.sign(x.q - x.p) * x.q
+
+
+def _skew_kl_terms(x, skew):
+    return _kl_terms(x.p, x.log_p, x.log_mixture(skew))
+
+
+def _skew_kl_slopes(x, skew):
+    return -x.p * ops.exp(math.log1p(-skew) + x.log_q - x.log_mixture(skew))
+
+
+def _check_beta(beta):
+    check_unit_interval("beta", beta)
+
+
+def _check_skew(skew):
+    check_unit_interval("skew", skew, include_one=False)
+
+
+def _generalized_jsd_limit(beta):
+    # The (β(1-β))-normalized JSD tends to forward KL at 0, reverse KL at 1,
+    # where its own formula is 0 / 0.
+    return {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta)
+
+
+def _skew_kl_limit(skew):
+    return "forward_kl" if skew == 0.0 else None
+
+
+class _Definition(typing.NamedTuple):
+    """A divergence's elementwise terms and slopes, argument check and limits.
+
+    `terms(x, **arguments)` and `slopes(x, **arguments)` take
+    `LogProbabilities`; `check(**arguments)` raises on bad arguments;
+    `limit(**arguments)` names the divergence the arguments reduce to, or
+    returns None.
+    """
+
+    terms: typing.Callable
+    slopes: typing.Callable
+    check: typing.Optional[typing.Callable] = None
+    limit: typing.Optional[typing.Callable] = None
+
+
+_DEFINITIONS = {
+    "forward_kl": _Definition(_forward_kl_terms, _forward_kl_slopes),
+    "reverse_kl": _Definition(_reverse_kl_terms, _reverse_kl_slopes),
+    "generalized_jsd": _Definition(
+        _generalized_jsd_terms,
+        _generalized_jsd_slopes,
+        _check_beta,
+        _generalized_jsd_limit,
+    ),
+    "total_variation": _Definition(
+        _total_variation_terms, _total_variation_slopes
+    ),
+    "skew_kl": _Definition(
+        _skew_kl_terms, _skew_kl_slopes, _check_skew, _skew_kl_limit
+    ),
+}
+
+
+class ElementwiseDivergence(typing.NamedTuple):
+    """A divergence's terms and slopes, its arguments bound.
+
+    Fields:
+        name: The divergence computed, after its limits (`"forward_kl"` for
+            `generalized_jsd` at `beta=0`).
+        terms: `terms(x)`: the elementwise `f(log p, log q)` of
+            `D = Σ_v f(log p_v, log q_v)`, `x` a `LogProbabilities`.
+        slopes: `slopes(x)`: the elementwise `∂f/∂log q`.
+    """
+
+    name: str
+    terms: typing.Callable
+    slopes: typing.Callable
+
+
+# The arguments every divergence function takes; the others are its own.
+_SHARED_ARGUMENTS = (
+    "teacher_logits",
+    "student_logits",
+    "temperature",
+    "sample_weight",
+    "reduction",
+)
+
+
+def elementwise_divergence(name, **arguments):
+    """The terms and slopes of divergence `name`, checked and at its limits.
+
+    The dense functions, the sparse loss and the tiled losses of
+    `keras_distill.losses.fused` all evaluate a divergence through this.
+
+    Args:
+        name: A key of `DIVERGENCES`.
+        **arguments: The divergence's own arguments (e.g. `beta=0.3`); the
+            missing ones take the defaults of its function in `DIVERGENCES`.
+
+    Returns:
+        An `ElementwiseDivergence`.
+
+    Example:
+
+    >>> divergence = elementwise_divergence("generalized_jsd", beta=0.0)
+    >>> divergence.name
+    'forward_kl'
+    """
+    if name not in _DEFINITIONS:
+        raise ValueError(
+            f"`divergence` must be one of {sorted(_DEFINITIONS)}, got {name!r}."
+        )
+    parameters = inspect.signature(DIVERGENCES[name]).parameters
+    own = {
+        key: parameter.default
+        for key, parameter in parameters.items()
+        if key not in _SHARED_ARGUMENTS
+    }
+    unknown = sorted(set(arguments) - set(own))
+    if unknown:
+        raise TypeError(
+            f"{name} takes no argument {', '.join(map(repr, unknown))}; its "
+            f"own arguments are {sorted(own) or 'none'}."
+        )
+    arguments = {**own, **arguments}
+    definition = _DEFINITIONS[name]
+    if definition.check is not None:
+        definition.check(**arguments)
+    limit = definition.limit(**arguments) if definition.limit else None
+    if limit is not None:
+        return elementwise_divergence(limit)
+    return ElementwiseDivergence(
+        name,
+        functools.partial(definition.terms, **arguments),
+        functools.partial(definition.slopes, **arguments),
+    )
+
+
+def _dense_divergence(
+    name, teacher_logits, student_logits, temperature, sample_weight,
+    reduction, **arguments,
+):
+    """`T²`-scaled divergence `name` of full logits, reduced over positions."""
+    divergence = elementwise_divergence(name, **arguments)
+    log_p, log_q = _softened_log_probs(
+        teacher_logits, student_logits, temperature
+    )
+    terms = divergence.terms(LogProbabilities(log_p, log_q))
+    values = temperature**2 * ops.sum(terms, axis=-1)
+    return weighted_reduce(values, sample_weight, reduction)
 
 
 def forward_kl(
@@ -95,11 +338,10 @@ def forward_kl(
     >>> round(float(forward_kl(teacher_logits, student_logits, 2.0)), 4)
     0.358
     """
-    log_p, log_q = _softened_log_probs(
-        teacher_logits, student_logits, temperature
+    return _dense_divergence(
+        "forward_kl", teacher_logits, student_logits, temperature,
+        sample_weight, reduction,
     )
-    divergence = temperature**2 * _kl(log_p, log_q)
-    return weighted_reduce(divergence, sample_weight, reduction)
 
 
 def reverse_kl(
@@ -131,11 +373,10 @@ def reverse_kl(
     >>> round(float(reverse_kl(teacher_logits, student_logits, 2.0)), 4)
     0.3616
     """
-    log_p, log_q = _softened_log_probs(
-        teacher_logits, student_logits, temperature
+    return _dense_divergence(
+        "reverse_kl", teacher_logits, student_logits, temperature,
+        sample_weight, reduction,
     )
-    divergence = temperature**2 * _kl(log_q, log_p)
-    return weighted_reduce(divergence, sample_weight, reduction)
 
 
 def generalized_jsd(
@@ -175,22 +416,10 @@ def generalized_jsd(
     >>> round(float(generalized_jsd(teacher_logits, student_logits, beta=0.5)), 4)
     0.2906
     """
-    check_unit_interval("beta", beta)
-    if beta == 0.0:
-        return forward_kl(
-            teacher_logits, student_logits, temperature, sample_weight, reduction
-        )
-    if beta == 1.0:
-        return reverse_kl(
-            teacher_logits, student_logits, temperature, sample_weight, reduction
-        )
-    log_p, log_q = _softened_log_probs(
-        teacher_logits, student_logits, temperature
+    return _dense_divergence(
+        "generalized_jsd", teacher_logits, student_logits, temperature,
+        sample_weight, reduction, beta=beta,
     )
-    log_m = ops.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    mixed = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    divergence = temperature**2 * mixed / (beta * (1.0 - beta))
-    return weighted_reduce(divergence, sample_weight, reduction)
 
 
 def total_variation(
@@ -222,11 +451,10 @@ def total_variation(
     >>> round(float(total_variation(teacher_logits, student_logits)), 4)
     0.3633
     """
-    log_p, log_q = _softened_log_probs(
-        teacher_logits, student_logits, temperature
+    return _dense_divergence(
+        "total_variation", teacher_logits, student_logits, temperature,
+        sample_weight, reduction,
     )
-    distance = 0.5 * ops.sum(ops.abs(ops.exp(log_p) - ops.exp(log_q)), axis=-1)
-    return weighted_reduce(temperature**2 * distance, sample_weight, reduction)
 
 
 def skew_kl(
@@ -261,17 +489,10 @@ def skew_kl(
     >>> round(float(skew_kl(teacher_logits, student_logits, skew=0.1)), 4)
     0.2283
     """
-    check_unit_interval("skew", skew, include_one=False)
-    if skew == 0.0:
-        return forward_kl(
-            teacher_logits, student_logits, temperature, sample_weight, reduction
-        )
-    log_p, log_q = _softened_log_probs(
-        teacher_logits, student_logits, temperature
+    return _dense_divergence(
+        "skew_kl", teacher_logits, student_logits, temperature,
+        sample_weight, reduction, skew=skew,
     )
-    log_mixture = ops.logaddexp(log_p + math.log(skew), log_q + math.log1p(-skew))
-    divergence = temperature**2 * _kl(log_p, log_mixture)
-    return weighted_reduce(divergence, sample_weight, reduction)
 
 
 DIVERGENCES = {

@@ -23,7 +23,9 @@ only a few numbers per token between tiles:
 
 How: the softmax over a vocabulary split into blocks needs each row's
 log-sum-exp, gathered block by block ("online", as in flash attention). Each
-divergence `D = Σ_v f(log p_v, log q_v)` is a sum of elementwise terms, so a
+divergence `D = Σ_v f(log p_v, log q_v)` is a sum of elementwise terms (each
+`f` and its slope `∂f/∂log q` is defined once, in
+`keras_distill.losses.divergences`, and the dense losses use the same), so a
 second pass sums the terms and `S = Σ_v ∂f/∂log q_v`; the gradient with
 respect to the student's softened logits is then `∂f/∂log q_v - q_v · S` per
 tile. The forward pass keeps a few numbers per token (log-sum-exps, `S`), the
@@ -38,7 +40,6 @@ teacher's outputs are.
 """
 
 import functools
-import inspect
 import math
 
 import keras
@@ -128,10 +129,6 @@ def _probabilities(log_probs):
     return ops.where(ops.greater(probs, 0.0), probs, 0.0)
 
 
-def _default_argument(function, name):
-    return inspect.signature(function).parameters[name].default
-
-
 class _TiledLoss:
     """The tile maths of one configuration (see `backend.chunked_loss`).
 
@@ -151,24 +148,11 @@ class _TiledLoss:
         teacher_soft_cap,
         tail,
     ):
-        kwargs = dict(divergence_kwargs)
-        # The limits `generalized_jsd` and `skew_kl` delegate to.
-        if divergence == "generalized_jsd":
-            beta = kwargs.get(
-                "beta", _default_argument(divergences.generalized_jsd, "beta")
-            )
-            if beta in (0.0, 1.0):
-                divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-            kwargs = {"beta": beta}
-        elif divergence == "skew_kl":
-            skew = kwargs.get("skew", _default_argument(divergences.skew_kl, "skew"))
-            if skew == 0.0:
-                divergence = "forward_kl"
-            kwargs = {"skew": skew}
         self.teacher = teacher
         self.has_labels = has_labels
-        self.divergence = divergence
-        self.kwargs = kwargs
+        self.divergence = divergences.elementwise_divergence(
+            divergence, **dict(divergence_kwargs)
+        )
         self.temperature = temperature
         self.soft_cap = soft_cap
         self.teacher_soft_cap = teacher_soft_cap
@@ -204,45 +188,6 @@ class _TiledLoss:
             ops.cast(log_probs, "float32") / self.temperature, axis=-1
         )
 
-    def _slopes(self, log_p, log_q):
-        """Elementwise `∂f/∂log q` of the divergence's terms."""
-        return self._terms(log_p, log_q, with_values=False)[1]
-
-    def _terms(self, log_p, log_q, with_values=True):
-        """Elementwise `f(log p, log q)` of the divergence and `∂f/∂log q`.
-
-        The terms are None unless `with_values` (the backward pass needs
-        the slopes alone).
-        """
-        name = self.divergence
-        if name == "forward_kl":
-            p = ops.exp(log_p)
-            return p * (log_p - log_q) if with_values else None, -p
-        q = ops.exp(log_q)
-        if name == "reverse_kl":
-            log_ratio = log_q - log_p
-            terms = q * log_ratio if with_values else None
-            return terms, q * (log_ratio + 1.0)
-        if name == "total_variation":
-            difference = q - ops.exp(log_p)
-            terms = 0.5 * ops.abs(difference) if with_values else None
-            return terms, 0.5 * ops.sign(difference) * q
-        p = ops.exp(log_p)
-        if name == "skew_kl":
-            skew = self.kwargs["skew"]
-            log_mixture = ops.logaddexp(
-                log_p + math.log(skew), log_q + math.log1p(-skew)
-            )
-            terms = p * (log_p - log_mixture) if with_values else None
-            return terms, -p * ops.exp(math.log1p(-skew) + log_q - log_mixture)
-        beta = self.kwargs["beta"]
-        log_m = ops.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        slopes = q * (log_q - log_m) / beta
-        if not with_values:
-            return None, slopes
-        terms = beta * p * (log_p - log_m) + (1.0 - beta) * q * (log_q - log_m)
-        return terms / (beta * (1.0 - beta)), slopes
-
     def chunk_forward(self, row_chunks, over_tiles, complete):
         """Values and saved numbers of one chunk (`backend.chunked_loss`)."""
         if complete and self.teacher != "top_k" and not self.has_labels:
@@ -271,10 +216,12 @@ class _TiledLoss:
             self._student_logits(tile) / self.temperature, axis=-1
         )
         log_p = ops.log_softmax(self._softened_teacher(tile), axis=-1)
-        terms, slopes = self._terms(log_p, log_q)
+        return self._term_sums(divergences.LogProbabilities(log_p, log_q))
+
+    def _term_sums(self, x):
         return {
-            "divergence": ops.sum(terms, axis=-1),
-            "slope": ops.sum(slopes, axis=-1),
+            "divergence": ops.sum(self.divergence.terms(x), axis=-1),
+            "slope": ops.sum(self.divergence.slopes(x), axis=-1),
         }
 
     # -- pass 1: row statistics --
@@ -348,11 +295,8 @@ class _TiledLoss:
         log_p = self._softened_teacher(tile) - ops.expand_dims(
             stats["teacher_lse"], -1
         )
-        terms, slopes = self._terms(log_p, log_q)
-        return {
-            "divergence": sums["divergence"] + ops.sum(terms, axis=-1),
-            "slope": sums["slope"] + ops.sum(slopes, axis=-1),
-        }
+        tile_sums = self._term_sums(divergences.LogProbabilities(log_p, log_q))
+        return {key: sums[key] + tile_sums[key] for key in sums}
 
     def _finish(self, stats, sums, row_chunks):
         weights, _, teacher_rows = self._unpack(row_chunks)
@@ -372,28 +316,18 @@ class _TiledLoss:
             log_probs, _ = teacher_rows
             top_log_q = stats["top_student"] - ops.expand_dims(student_lse, -1)
             if self.tail == "renormalize":
-                divergence = ops.sum(
-                    sparse._kl_terms(
-                        self._renormalized_targets(log_probs), top_log_q
-                    ),
-                    axis=-1,
+                divergence = sparse._top_k_divergence(
+                    self._renormalized_targets(log_probs), top_log_q
                 )
             else:
-                log_probs = ops.cast(log_probs, "float32")
                 uncovered_lse = stats["uncovered_lse"]
                 has_tail = ops.isfinite(uncovered_lse)
-                covered_mass = ops.minimum(
-                    ops.logsumexp(log_probs, axis=-1), 0.0
+                divergence, teacher_tail = sparse._bucket_divergence(
+                    ops.cast(log_probs, "float32"),
+                    top_log_q,
+                    ops.where(has_tail, uncovered_lse - student_lse, 0.0),
+                    has_tail,
                 )
-                teacher_tail = ops.where(
-                    has_tail, sparse._log1mexp(covered_mass), -math.inf
-                )
-                student_tail = ops.where(
-                    has_tail, uncovered_lse - student_lse, 0.0
-                )
-                divergence = ops.sum(
-                    sparse._kl_terms(log_probs, top_log_q), axis=-1
-                ) + sparse._kl_terms(teacher_tail, student_tail)
                 saved["uncovered_lse"] = ops.where(has_tail, uncovered_lse, 0.0)
                 saved["teacher_tail"] = _probabilities(teacher_tail)
         values.append(
@@ -412,8 +346,17 @@ class _TiledLoss:
             log_q = softened - ops.expand_dims(saved["student_lse"], -1)
         else:  # a complete tile (see `chunk_forward`)
             log_q = ops.log_softmax(softened, axis=-1)
-        student_probs = ops.exp(log_q)
-        gradient = 0.0
+        if self.teacher != "top_k":
+            log_p = self._softened_teacher(tile)
+            if "teacher_lse" in saved:
+                log_p = log_p - ops.expand_dims(saved["teacher_lse"], -1)
+            else:
+                log_p = ops.log_softmax(log_p, axis=-1)
+            tile_log_probs = divergences.LogProbabilities(log_p, log_q)
+            student_probs = tile_log_probs.q
+        else:
+            student_probs = ops.exp(log_q)
+        label_gradient = None
         if self.has_labels:
             probs_t1 = student_probs
             if self.temperature != 1.0:
@@ -421,19 +364,13 @@ class _TiledLoss:
                     logits - ops.expand_dims(saved["student_lse_t1"], -1)
                 )
             one_hot = ops.equal(_class_ids(tile), ops.expand_dims(labels, -1))
-            gradient = ops.expand_dims(cotangents.pop(0) * weights, -1) * (
-                probs_t1 - ops.cast(one_hot, "float32")
-            )
+            label_gradient = ops.expand_dims(
+                cotangents.pop(0) * weights, -1
+            ) * (probs_t1 - ops.cast(one_hot, "float32"))
         if self.teacher != "top_k":
-            log_p = self._softened_teacher(tile)
-            if "teacher_lse" in saved:
-                log_p = log_p - ops.expand_dims(saved["teacher_lse"], -1)
-            else:
-                log_p = ops.log_softmax(log_p, axis=-1)
-            slopes = self._slopes(log_p, log_q)
-            softened_gradient = slopes - student_probs * ops.expand_dims(
-                saved["slope"], -1
-            )
+            softened_gradient = self.divergence.slopes(
+                tile_log_probs
+            ) - student_probs * ops.expand_dims(saved["slope"], -1)
         else:
             log_probs, indices = teacher_rows
             if self.tail == "renormalize":
@@ -472,7 +409,9 @@ class _TiledLoss:
             )
         # d(T² · D)/d logits = T · dD/d(logits / T).
         row_scale = cotangents[0] * self.temperature * weights
-        gradient = gradient + ops.expand_dims(row_scale, -1) * softened_gradient
+        gradient = ops.expand_dims(row_scale, -1) * softened_gradient
+        if label_gradient is not None:
+            gradient = gradient + label_gradient
         if self.soft_cap is not None:
             gradient = gradient * (1.0 - ops.square(logits / self.soft_cap))
         return gradient
@@ -488,15 +427,9 @@ def _tiled_loss(*config):
 
 
 def _check_divergence(divergence, divergence_kwargs):
-    if divergence not in divergences.DIVERGENCES:
-        raise ValueError(
-            f"`divergence` must be one of {sorted(divergences.DIVERGENCES)}, got "
-            f"{divergence!r}."
-        )
-    # Fail now, with the divergence's own message on its arguments.
-    divergences.DIVERGENCES[divergence](
-        ops.zeros((1, 2)), ops.zeros((1, 2)), **dict(divergence_kwargs)
-    )
+    # Fail now, with the divergence's own message on its arguments (the
+    # tiled loss of a configuration is built once and cached).
+    divergences.elementwise_divergence(divergence, **dict(divergence_kwargs))
 
 
 def _last_axis(name, tensor):

@@ -30,6 +30,8 @@ from keras import ops
 from keras_distill.checks import check_positive_number
 from keras_distill.checks import check_reduction
 from keras_distill.checks import check_temperature
+from keras_distill.losses.divergences import LogProbabilities
+from keras_distill.losses.divergences import elementwise_divergence
 from keras_distill.losses.weighting import weighted_reduce
 from keras_distill.targets.top_k import _check_target_pair
 from keras_distill.targets.top_k import _known_dims_match
@@ -38,17 +40,49 @@ from keras_distill.targets.top_k import unpack_sparse_targets
 TAILS = ("renormalize", "bucket")
 
 
-def _kl_terms(log_p, log_q):
-    """Elementwise `p · (log p - log q)`, with `0 · log 0 = 0` for `p = 0`.
+_FORWARD_KL = elementwise_divergence("forward_kl")
 
-    Entries with `p = 0` (or a NaN `log p`, from an all-padding position) are
-    0 with a zero gradient: no `0 · inf` reaches the value or the gradient.
+
+def _forward_kl_terms(log_p, log_q):
+    """The forward KL's elementwise terms (`keras_distill.losses.divergences`).
+
+    Entries with `p = 0` are 0 with a zero gradient: no `0 · inf` reaches the
+    value or the gradient.
     """
-    p = ops.exp(log_p)
-    kept = ops.greater(p, 0.0)
-    safe_p = ops.where(kept, p, 0.0)
-    safe_log_p = ops.where(kept, log_p, 0.0)
-    return ops.where(kept, safe_p * (safe_log_p - log_q), 0.0)
+    return _FORWARD_KL.terms(LogProbabilities(log_p, log_q))
+
+
+def _top_k_divergence(teacher_log_probs, student_log_probs):
+    """`Σ_k p_k (log p_k - log q_k)` over the k entries, per position."""
+    return ops.sum(_forward_kl_terms(teacher_log_probs, student_log_probs), axis=-1)
+
+
+def _bucket_divergence(
+    teacher_top_log_probs, student_top_log_probs, student_tail_log_prob, has_tail
+):
+    """The forward KL over the k entries plus the tail bucket, per position.
+
+    Args:
+        teacher_top_log_probs: The teacher's `(..., k)` log-probabilities.
+        student_top_log_probs: The student's at the same entries.
+        student_tail_log_prob: The student's log-mass outside them, `(...)`
+            (any finite stand-in where `has_tail` is False).
+        has_tail: Where some class is outside the k entries, `(...)`.
+
+    Returns:
+        The divergence and the teacher's tail log-probability (`-inf` where
+        there is no tail), both `(...)`.
+    """
+    teacher_covered = ops.minimum(
+        ops.logsumexp(teacher_top_log_probs, axis=-1), 0.0
+    )
+    teacher_tail_log_prob = ops.where(
+        has_tail, _log1mexp(teacher_covered), -math.inf
+    )
+    divergence = _top_k_divergence(
+        teacher_top_log_probs, student_top_log_probs
+    ) + _forward_kl_terms(teacher_tail_log_prob, student_tail_log_prob)
+    return divergence, teacher_tail_log_prob
 
 
 def _log1mexp(x):
@@ -219,9 +253,10 @@ def sparse_forward_kl(
             # drops the constant, so this is softmax(z_k / T) on the k entries.
             teacher_scores = teacher_scores * (targets_temperature / temperature)
         renormalized = ops.log_softmax(teacher_scores, axis=-1)
-        divergence = ops.sum(
-            _kl_terms(renormalized, student_top_log_probs), axis=-1
-        )
+        # An all-padding position (every entry -inf) renormalizes to NaN; it
+        # holds no teacher mass, and -inf keeps NaN out of the gradient.
+        renormalized = ops.where(ops.isnan(renormalized), -math.inf, renormalized)
+        divergence = _top_k_divergence(renormalized, student_top_log_probs)
     else:
         covered = _covered_mask(teacher_top_indices, student_log_probs)
         has_tail = ops.logical_not(ops.all(covered, axis=-1))
@@ -235,15 +270,12 @@ def sparse_forward_kl(
         student_tail_log_prob = ops.where(
             has_tail, ops.logsumexp(uncovered_log_probs, axis=-1), 0.0
         )
-        teacher_covered = ops.minimum(
-            ops.logsumexp(teacher_top_log_probs, axis=-1), 0.0
+        divergence, _ = _bucket_divergence(
+            teacher_top_log_probs,
+            student_top_log_probs,
+            student_tail_log_prob,
+            has_tail,
         )
-        teacher_tail_log_prob = ops.where(
-            has_tail, _log1mexp(teacher_covered), -math.inf
-        )
-        divergence = ops.sum(
-            _kl_terms(teacher_top_log_probs, student_top_log_probs), axis=-1
-        ) + _kl_terms(teacher_tail_log_prob, student_tail_log_prob)
     divergence = temperature**2 * divergence
     return weighted_reduce(divergence, sample_weight, reduction)
 
