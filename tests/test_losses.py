@@ -386,22 +386,157 @@ LOSS_CLASSES = [
 ]
 
 
+CLASS_FUNCTIONS = {
+    losses.ForwardKL: "forward_kl",
+    losses.ReverseKL: "reverse_kl",
+    losses.TotalVariation: "total_variation",
+    losses.SkewKL: "skew_kl",
+    losses.GeneralizedJSD: "generalized_jsd",
+}
+
+
+# Non-uniform weights with zeros: a padded position, a padded sequence.
+WEIGHTS = np.array([[1.0, 0.5, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 1.0, 1.0]], "float32")
+
+
 @pytest.mark.parametrize("cls,kwargs", LOSS_CLASSES)
-def test_loss_objects_match_functions_and_round_trip(cls, kwargs):
-    teacher, student = random_logits(10)
+def test_loss_objects_take_the_weighted_mean_as_their_functions_do(cls, kwargs):
+    # The rule: sum(w · d) / sum(w) over positions, not Keras's
+    # "sum_over_batch_size" (sum(w · d) / number of positions).
+    teacher, student = random_logits(15, shape=(4, 3, 5))
+    name = CLASS_FUNCTIONS[cls]
+    per_position = np_divergence(name, teacher, student, 2.0, **kwargs)
+    expected = (WEIGHTS * per_position).sum() / WEIGHTS.sum()
     loss = cls(temperature=2.0, **kwargs)
-    expected = loss.divergence(teacher, student, 2.0, **kwargs)
-    np.testing.assert_allclose(
-        float(loss(teacher, student)), float(expected), rtol=1e-6
+    value = float(loss(teacher, student, sample_weight=WEIGHTS))
+    np.testing.assert_allclose(value, expected, rtol=2e-5)
+    function_value = losses.DIVERGENCES[name](
+        teacher, student, 2.0, sample_weight=WEIGHTS, **kwargs
     )
-    restored = cls.from_config(loss.get_config())
-    assert restored.get_config() == loss.get_config()
+    np.testing.assert_allclose(value, float(function_value), rtol=1e-6)
+    assert value != pytest.approx(
+        (WEIGHTS * per_position).sum() / WEIGHTS.size, rel=1e-3
+    )
+    # Per-sequence weights, (batch,) as `fit` passes them, broadcast over
+    # the tokens; Keras's (batch, 1) too.
+    sequence_weights = np.array([1.0, 0.0, 2.0, 1.0], "float32")
+    expected = (sequence_weights[:, None] * per_position).sum() / (
+        3 * sequence_weights.sum()
+    )
+    for weights in (sequence_weights, sequence_weights[:, None]):
+        np.testing.assert_allclose(
+            float(loss(teacher, student, sample_weight=weights)), expected, rtol=2e-5
+        )
+    # "sum" and "none" as in the function.
+    summed = cls(temperature=2.0, reduction="sum", **kwargs)
+    np.testing.assert_allclose(
+        float(summed(teacher, student, sample_weight=WEIGHTS)),
+        (WEIGHTS * per_position).sum(),
+        rtol=2e-5,
+    )
+    for reduction in ("none", None):
+        unreduced = cls(temperature=2.0, reduction=reduction, **kwargs)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(unreduced(teacher, student, sample_weight=WEIGHTS)),
+            WEIGHTS * per_position,
+            rtol=2e-5,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("cls,kwargs", LOSS_CLASSES)
+def test_loss_object_of_zero_weights_is_a_finite_zero_with_zero_gradient(cls, kwargs):
+    teacher, student = random_logits(16, shape=(4, 3, 5))
+    loss = cls(temperature=2.0, **kwargs)
+    value, grad = value_and_grad(
+        lambda s: loss(teacher, s, sample_weight=np.zeros((4, 3), "float32")),
+        student,
+    )
+    assert float(value) == 0.0
+    assert np.all(grad == 0.0)
+    # The gradient through the weighted mean is the function's.
+    _, grad = value_and_grad(
+        lambda s: loss(teacher, s, sample_weight=WEIGHTS), student
+    )
+    _, expected = value_and_grad(
+        lambda s: losses.DIVERGENCES[CLASS_FUNCTIONS[cls]](
+            teacher, s, 2.0, sample_weight=WEIGHTS, **kwargs
+        ),
+        student,
+    )
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_loss_object_weights_positions_by_the_keras_mask_of_the_student():
+    # Keras's own losses fold a masking layer's mask into the weights; these
+    # do too, under the same weighted-mean rule.
+    rng = np.random.default_rng(17)
+    features = rng.normal(size=(2, 3, 4)).astype("float32")
+    features[1, 1:] = 0.0  # masked: the second sequence is 1 token long
+    mask = np.array([[1, 1, 1], [1, 0, 0]], "float32")
+    student = keras.Sequential(
+        [keras.Input((3, 4)), keras.layers.Masking(0.0), keras.layers.Dense(5)]
+    )
+    teacher = rng.normal(size=(2, 3, 5)).astype("float32")
+    student_logits = student(features)
+    per_position = np_divergence(
+        "forward_kl", teacher, ops.convert_to_numpy(student_logits), 2.0
+    )
+    loss = losses.ForwardKL(temperature=2.0)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loss(teacher, student_logits)),
+        (mask * per_position).sum() / mask.sum(),
+        rtol=2e-5,
+    )
+    weights = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "float32")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loss(teacher, student_logits, sample_weight=weights)),
+        (mask * weights * per_position).sum() / (mask * weights).sum(),
+        rtol=2e-5,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "mean_with_sample_weight", "max"])
+def test_loss_objects_refuse_other_reductions_with_the_rule(reduction):
+    with pytest.raises(ValueError, match=r"`reduction` must be one of .*sum\(w"):
+        losses.ForwardKL(reduction=reduction)
+
+
+@pytest.mark.parametrize("cls,kwargs", LOSS_CLASSES)
+def test_loss_objects_round_trip(cls, kwargs):
+    teacher, student = random_logits(10, shape=(4, 3, 5))
+    loss = cls(temperature=2.0, reduction="sum", name="distill", **kwargs)
+    config = loss.get_config()
+    assert config["reduction"] == "sum" and config["temperature"] == 2.0
+    assert cls().get_config()["reduction"] == "mean"
+    restored = cls.from_config(config)
+    assert restored.get_config() == config
     revived = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(loss)
     )
     assert type(revived) is cls
+    assert revived.get_config() == config
+    expected = (
+        WEIGHTS * np_divergence(CLASS_FUNCTIONS[cls], teacher, student, 2.0, **kwargs)
+    ).sum()
     np.testing.assert_allclose(
-        float(revived(teacher, student)), float(expected), rtol=1e-6
+        float(revived(teacher, student, sample_weight=WEIGHTS)), expected, rtol=2e-5
+    )
+
+
+def test_keras_evaluate_with_sample_weight_is_the_weighted_mean():
+    teacher, _ = random_logits(18, shape=(8, 4))
+    features = np.eye(8, dtype="float32")
+    weights = np.array([1, 0, 2, 0, 1, 1, 0.5, 0], "float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model.compile(loss=losses.ForwardKL(temperature=2.0))
+    student = ops.convert_to_numpy(model.predict(features, verbose=0))
+    per_example = np_divergence("forward_kl", teacher, student, 2.0)
+    value = model.evaluate(
+        features, teacher, sample_weight=weights, batch_size=8, verbose=0
+    )
+    np.testing.assert_allclose(
+        value, (weights * per_example).sum() / weights.sum(), rtol=1e-5
     )
 
 

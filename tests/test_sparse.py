@@ -551,24 +551,40 @@ def test_pack_and_unpack_round_trip_large_indices():
 def test_loss_object_matches_function_and_round_trips(tail):
     teacher, student = random_logits(11)
     targets = top_k.top_k_teacher_targets(teacher, 3, 2.0)
-    weights = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [2, 1, 1]], "float32")
-    loss = losses.SparseForwardKL(temperature=2.0, tail=tail)
-    # Keras's default reduction: sum(w · d) / number of positions.
-    per_position = to_numpy(
-        losses.sparse_forward_kl(
-            *targets, student, 2.0, tail=tail, reduction="none"
-        )
+    # Non-uniform, with a padded position and a padded sequence.
+    weights = np.array(
+        [[1, 0.5, 0], [3, 0, 0], [0, 0, 0], [2, 1, 1]], "float32"
     )
-    expected = (per_position * weights).sum() / weights.size
+    loss = losses.SparseForwardKL(temperature=2.0, tail=tail)
+    # The functions' rule: sum(w · d) / sum(w), not Keras's
+    # "sum_over_batch_size" (sum(w · d) / number of positions).
+    per_position = np_sparse_kl(teacher, to_numpy(targets[1]), student, 2.0, tail)
+    expected = (per_position * weights).sum() / weights.sum()
+    function_value = losses.sparse_forward_kl(
+        *targets, student, 2.0, tail=tail, sample_weight=weights
+    )
     packed = top_k.pack_sparse_targets(*targets)
     as_dict = {"top_log_probs": targets[0], "top_indices": targets[1]}
     for y_true in (packed, as_dict):
-        np.testing.assert_allclose(
-            float(loss(y_true, student, sample_weight=weights)), expected,
-            rtol=1e-6,
-        )
+        value = float(loss(y_true, student, sample_weight=weights))
+        np.testing.assert_allclose(value, expected, rtol=2e-5)
+        np.testing.assert_allclose(value, float(function_value), rtol=1e-6)
+    # All weights zero: a finite 0 with a zero gradient, as the function.
+    value, grad = value_and_grad(
+        lambda s: loss(packed, s, sample_weight=np.zeros(SHAPE[:-1], "float32")),
+        student,
+    )
+    assert float(value) == 0.0
+    assert np.all(grad == 0.0)
+    summed = losses.SparseForwardKL(temperature=2.0, tail=tail, reduction="sum")
+    np.testing.assert_allclose(
+        float(summed(packed, student, sample_weight=weights)),
+        (per_position * weights).sum(),
+        rtol=2e-5,
+    )
     config = loss.get_config()
     assert config["tail"] == tail and config["temperature"] == 2.0
+    assert config["reduction"] == "mean"
     restored = losses.SparseForwardKL.from_config(config)
     assert restored.get_config() == config
     # What `serialize_keras_object` writes for a registered class (built by
@@ -586,7 +602,7 @@ def test_loss_object_matches_function_and_round_trips(tail):
     assert type(revived) is losses.SparseForwardKL
     assert revived.get_config() == config
     np.testing.assert_allclose(
-        float(revived(packed, student)), per_position.mean(), rtol=1e-6
+        float(revived(packed, student)), per_position.mean(), rtol=2e-5
     )
 
 
@@ -599,6 +615,8 @@ def test_bad_loss_object_arguments_are_named():
         losses.SparseForwardKL(targets_temperature=0.0)
     with pytest.raises(ValueError, match="float32"):
         losses.SparseForwardKL(dtype="float16")
+    with pytest.raises(ValueError, match="`reduction` must be one of"):
+        losses.SparseForwardKL(reduction="sum_over_batch_size")
     with pytest.raises(ValueError, match='"top_log_probs" and "top_indices"'):
         losses.SparseForwardKL()(
             {"log_probs": np.zeros((1, 2))}, np.zeros((1, 4))

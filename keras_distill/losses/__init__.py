@@ -6,7 +6,10 @@
 - `fused`: the same divergences computed from hidden states and an embedding
   in vocabulary tiles, so the full `[tokens, vocabulary]` logits never exist.
 - `features`: hidden-state and attention-map losses.
-- `weighting`: sample weights, padding masks and reductions shared by all.
+- `weighting`: sample weights, padding masks and reductions shared by all,
+  and `WeightedMeanLoss`, the base of the loss classes: every loss class and
+  its function reduce alike, to the weighted mean over positions
+  `sum(w · d) / sum(w)` by default.
 """
 
 from keras_distill.losses import divergences
@@ -37,6 +40,7 @@ from keras_distill.losses.fused import fused_distillation_loss
 from keras_distill.losses.sparse import TAILS
 from keras_distill.losses.sparse import SparseForwardKL
 from keras_distill.losses.sparse import sparse_forward_kl
+from keras_distill.losses.weighting import WeightedMeanLoss
 from keras_distill.losses.weighting import broadcast_weights
 from keras_distill.losses.weighting import real_positions
 from keras_distill.losses.weighting import token_count

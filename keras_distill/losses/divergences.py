@@ -16,6 +16,11 @@ Conventions shared by every divergence:
   the class axis, or one that broadcasts to it. With `reduction="mean"` the
   result is `sum(w * d) / sum(w)`, and `0` (finite, with a finite gradient)
   when every weight is zero.
+- The loss classes (`ForwardKL`, ..., `DistillationLoss`) reduce by the same
+  rule: `ForwardKL(temperature=T)(t, s, sample_weight=w)` is
+  `forward_kl(t, s, T, sample_weight=w)`, the weighted mean over positions
+  (see `keras_distill.losses.weighting.WeightedMeanLoss`), not Keras's
+  `"sum_over_batch_size"`, which would divide by every position.
 - A teacher logit of `-inf` rules its class out (probability 0): it adds
   nothing to the divergences that weigh `log P` by `P` (forward KL, the JSD,
   skew KL) or to the total variation; the reverse KL is then infinite, as
@@ -32,6 +37,7 @@ from keras import ops
 
 from keras_distill.checks import check_temperature
 from keras_distill.checks import check_unit_interval
+from keras_distill.losses.weighting import WeightedMeanLoss
 from keras_distill.losses.weighting import weighted_reduce
 
 
@@ -504,11 +510,14 @@ DIVERGENCES = {
 }
 
 
-class DistillationLoss(keras.losses.Loss):
+class DistillationLoss(WeightedMeanLoss):
     """Base class of the divergences above as `keras.losses.Loss` objects.
 
     Called as `loss(teacher_logits, student_logits, sample_weight)`: the
-    teacher plays `y_true`, the student `y_pred`. Inside a `Distiller` the
+    teacher plays `y_true`, the student `y_pred`, and the result is the
+    function's: `sum(w · d) / sum(w)` over the positions with the default
+    `reduction="mean"`, 0 when every weight is 0 (see `WeightedMeanLoss`; a
+    Keras mask on `y_pred` multiplies the weights). Inside a `Distiller` the
     Distiller's `temperature` applies unless the loss sets its own; setting
     both to different values is an error. Subclasses name their divergence in
     `divergence` and their extra arguments in `divergence_kwargs`.
@@ -516,7 +525,8 @@ class DistillationLoss(keras.losses.Loss):
     Args:
         temperature: Softening temperature; `None` means the Distiller's, or
             1.0 when the loss is used on its own.
-        **kwargs: `keras.losses.Loss` arguments (`reduction`, `name`, `dtype`).
+        **kwargs: `WeightedMeanLoss` arguments: `reduction` (`"mean"`,
+            `"sum"` or `"none"`), `name`, `dtype`.
     """
 
     divergence = staticmethod(forward_kl)
@@ -533,6 +543,7 @@ class DistillationLoss(keras.losses.Loss):
         return {}
 
     def call(self, y_true, y_pred):
+        """The unweighted divergence at each position, `(...)`."""
         return self.divergence(
             y_true,
             y_pred,
@@ -551,12 +562,32 @@ class DistillationLoss(keras.losses.Loss):
 class ForwardKL(DistillationLoss):
     """`forward_kl` as a Keras loss.
 
+    `ForwardKL(temperature=T)(t, s, sample_weight=w)` is
+    `forward_kl(t, s, T, sample_weight=w)`: the weighted mean over positions,
+    `sum(w · d) / sum(w)` (see `DistillationLoss`).
+
+    Args:
+        temperature: Softening temperature (see `DistillationLoss`).
+        **kwargs: `WeightedMeanLoss` arguments (`reduction`, `name`, `dtype`).
+
     Example:
 
     >>> loss = ForwardKL(temperature=2.0)
     >>> teacher_logits = keras.ops.convert_to_tensor([[2.0, 0.5, -1.0]])
     >>> student_logits = keras.ops.convert_to_tensor([[1.0, 1.0, 0.0]])
     >>> round(float(loss(teacher_logits, student_logits)), 4)
+    0.358
+
+    A second, padded position (weight 0) changes nothing:
+
+    >>> teacher_logits = keras.ops.convert_to_tensor(
+    ...     [[2.0, 0.5, -1.0], [0.0, 0.0, 5.0]]
+    ... )
+    >>> student_logits = keras.ops.convert_to_tensor(
+    ...     [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    ... )
+    >>> weights = keras.ops.convert_to_tensor([1.0, 0.0])
+    >>> round(float(loss(teacher_logits, student_logits, sample_weight=weights)), 4)
     0.358
     """
 
@@ -566,6 +597,14 @@ class ForwardKL(DistillationLoss):
 @keras.saving.register_keras_serializable(package="keras_distill")
 class ReverseKL(DistillationLoss):
     """`reverse_kl` as a Keras loss.
+
+    `ReverseKL(temperature=T)(t, s, sample_weight=w)` is
+    `reverse_kl(t, s, T, sample_weight=w)`: the weighted mean over positions
+    (see `DistillationLoss`).
+
+    Args:
+        temperature: Softening temperature (see `DistillationLoss`).
+        **kwargs: `WeightedMeanLoss` arguments (`reduction`, `name`, `dtype`).
 
     Example:
 
@@ -583,6 +622,14 @@ class ReverseKL(DistillationLoss):
 class TotalVariation(DistillationLoss):
     """`total_variation` as a Keras loss.
 
+    `TotalVariation(temperature=T)(t, s, sample_weight=w)` is
+    `total_variation(t, s, T, sample_weight=w)`: the weighted mean over positions
+    (see `DistillationLoss`).
+
+    Args:
+        temperature: Softening temperature (see `DistillationLoss`).
+        **kwargs: `WeightedMeanLoss` arguments (`reduction`, `name`, `dtype`).
+
     Example:
 
     >>> loss = TotalVariation()
@@ -599,10 +646,14 @@ class TotalVariation(DistillationLoss):
 class GeneralizedJSD(DistillationLoss):
     """`generalized_jsd` as a Keras loss.
 
+    `GeneralizedJSD(beta, temperature=T)(t, s, sample_weight=w)` is
+    `generalized_jsd(t, s, T, beta, sample_weight=w)`: the weighted mean over
+    positions (see `DistillationLoss`).
+
     Args:
         beta: Interpolation in `[0, 1]`: 0 is forward KL, 1 reverse KL.
         temperature: Softening temperature (see `DistillationLoss`).
-        **kwargs: `keras.losses.Loss` arguments.
+        **kwargs: `WeightedMeanLoss` arguments (`reduction`, `name`, `dtype`).
 
     Example:
 
@@ -629,10 +680,14 @@ class GeneralizedJSD(DistillationLoss):
 class SkewKL(DistillationLoss):
     """`skew_kl` as a Keras loss.
 
+    `SkewKL(skew, temperature=T)(t, s, sample_weight=w)` is
+    `skew_kl(t, s, T, skew, sample_weight=w)`: the weighted mean over
+    positions (see `DistillationLoss`).
+
     Args:
         skew: Teacher share of the mixture, in `[0, 1)`.
         temperature: Softening temperature (see `DistillationLoss`).
-        **kwargs: `keras.losses.Loss` arguments.
+        **kwargs: `WeightedMeanLoss` arguments (`reduction`, `name`, `dtype`).
 
     Example:
 

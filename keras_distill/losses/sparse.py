@@ -9,7 +9,9 @@ kept as one "rest" bucket (`tail="bucket"`).
 Same conventions as `keras_distill.losses.divergences`: pure `keras.ops`
 functions, float32 maths in log space (no `log(softmax)`, no clipping),
 results multiplied by `T²`, optional `sample_weight` of the shape of the
-logits without the class axis, and `reduction` as in `weighted_reduce`.
+logits without the class axis, and `reduction` as in `weighted_reduce`. The
+loss class `SparseForwardKL` reduces by the same rule (the weighted mean over
+positions, `sum(w · d) / sum(w)`), as the divergences' classes do.
 
 Temperature: `teacher_top_log_probs` are the teacher's log-probabilities at the
 temperature of the loss, i.e. what `top_k_teacher_targets(teacher_logits, k,
@@ -32,6 +34,7 @@ from keras_distill.checks import check_reduction
 from keras_distill.checks import check_temperature
 from keras_distill.losses.divergences import LogProbabilities
 from keras_distill.losses.divergences import elementwise_divergence
+from keras_distill.losses.weighting import WeightedMeanLoss
 from keras_distill.losses.weighting import weighted_reduce
 from keras_distill.targets.top_k import _check_target_pair
 from keras_distill.targets.top_k import _known_dims_match
@@ -281,7 +284,7 @@ def sparse_forward_kl(
 
 
 @keras.saving.register_keras_serializable(package="keras_distill")
-class SparseForwardKL(keras.losses.Loss):
+class SparseForwardKL(WeightedMeanLoss):
     """`sparse_forward_kl` as a Keras loss, with sparse targets as `y_true`.
 
     `y_pred` is the student logits `(..., num_classes)`. `y_true` holds the
@@ -292,15 +295,21 @@ class SparseForwardKL(keras.losses.Loss):
     output. Called directly, the loss also takes the dict
     `{"top_log_probs": ..., "top_indices": ...}`.
 
+    `loss(y_true, student_logits, sample_weight=w)` is
+    `sparse_forward_kl(..., sample_weight=w)`: the weighted mean over
+    positions, `sum(w · d) / sum(w)`, 0 when every weight is 0 (see
+    `keras_distill.losses.weighting.WeightedMeanLoss`; a Keras mask on the
+    student's logits multiplies the weights).
+
     Args:
         temperature: Softening temperature; `None` means 1.0.
         tail: `"renormalize"` (Gemma 3) or `"bucket"`, see
             `sparse_forward_kl`.
         targets_temperature: Temperature the targets were extracted at;
             `None` means `temperature`.
-        **kwargs: `keras.losses.Loss` arguments (`reduction`, `name`, `dtype`);
-            `dtype` must stay float32 (or float64) to hold the packed
-            indices exactly.
+        **kwargs: `WeightedMeanLoss` arguments: `reduction` (`"mean"`,
+            `"sum"` or `"none"`), `name`, `dtype`; `dtype` must stay float32
+            (or float64) to hold the packed indices exactly.
 
     Example:
 
