@@ -7,12 +7,10 @@ import math
 import keras
 from keras import ops
 
-# Keras 3 has no public form of these two, and the package's only private
-# Keras imports are here. `scale_loss_for_distribution` is what Keras's own
-# `compute_loss` returns through (it divides by the `tf.distribute` replicas);
+# Keras 3 has no public form of this one, and the package's private Keras
+# imports are it and the two in `keras_distill/losses/weighting.py`:
 # `tracking.no_automatic_dependency_tracking` is how Keras keeps its compiled
 # metrics out of a model's tracked state, which teacher metrics need too.
-from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.utils import tracking
 
 from keras_distill import backend as distill_backend
@@ -21,6 +19,7 @@ from keras_distill.distillers.feature_distillation import FeatureDistillation
 from keras_distill.losses import divergences
 from keras_distill.losses import sparse
 from keras_distill.losses import weighting
+from keras_distill.losses.weighting import scale_loss_for_distribution
 from keras_distill.metrics import TeacherStudentMetric
 from keras_distill.targets.keys import _TEACHER_OUTPUT_KEYS
 from keras_distill.targets.keys import LABELS
