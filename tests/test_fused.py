@@ -537,6 +537,7 @@ def test_fit_with_the_memory_efficient_loss_gives_the_dense_weights(loss_kind):
         assert_close(actual, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     keras.backend.backend() == "torch",
     reason="torch.compile of Keras's train step takes ~45 s on 2 cores, most "
