@@ -198,7 +198,7 @@ def compiled_forward(fn, inputs):
     raise NotImplementedError(backend)
 
 
-def build_loss(name, temperature, chunk_size):
+def build_loss(name, temperature, chunk_size, vocabulary_chunk_size=None):
     """The loss function of `name` and the names of its inputs, in order."""
     import keras
 
@@ -235,6 +235,7 @@ def build_loss(name, temperature, chunk_size):
                 temperature=temperature,
                 alpha=0.1 if with_labels else 0.0,
                 chunk_size=chunk_size,
+                vocabulary_chunk_size=vocabulary_chunk_size,
             )["loss"]
 
         inputs = ("hidden_states", "embedding", "teacher_logits", "labels")
@@ -250,6 +251,7 @@ def build_loss(name, temperature, chunk_size):
                 temperature=temperature,
                 alpha=0.1,
                 chunk_size=chunk_size,
+                vocabulary_chunk_size=vocabulary_chunk_size,
             )["loss"]
 
         inputs = (
@@ -268,6 +270,7 @@ def build_loss(name, temperature, chunk_size):
                 temperature=temperature,
                 alpha=0.0,
                 chunk_size=chunk_size,
+                vocabulary_chunk_size=vocabulary_chunk_size,
             )["loss"]
 
         inputs = (
@@ -351,7 +354,8 @@ def run_worker(args):
     import keras
 
     loss_fn, input_names = build_loss(
-        args.loss, args.temperature, args.chunk_size
+        args.loss, args.temperature, args.chunk_size,
+        args.vocabulary_chunk_size,
     )
     inputs = make_inputs(
         input_names, args.tokens, args.vocabulary, args.hidden_dim
@@ -446,6 +450,10 @@ def parse_args(argv):
         "--chunk-size", type=int, default=None,
         help="tokens per chunk (default: the losses' defaults)",
     )
+    parser.add_argument(
+        "--vocabulary-chunk-size", type=int, default=None,
+        help="classes per tile of the fused losses (default: theirs)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     return parser.parse_args(argv)
 
@@ -479,6 +487,10 @@ def main(argv=None):
     ]
     if args.chunk_size is not None:
         worker_args += ["--chunk-size", str(args.chunk_size)]
+    if args.vocabulary_chunk_size is not None:
+        worker_args += [
+            "--vocabulary-chunk-size", str(args.vocabulary_chunk_size)
+        ]
     fixed = run_pass(args, worker_args + ["--repeats", "0"], True)
     default = run_pass(
         args, worker_args + ["--repeats", str(args.repeats)], False

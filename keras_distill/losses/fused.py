@@ -28,7 +28,13 @@ divergence `D = Σ_v f(log p_v, log q_v)` is a sum of elementwise terms (each
 `keras_distill.losses.divergences`, and the dense losses use the same), so a
 second pass sums the terms and `S = Σ_v ∂f/∂log q_v`; the gradient with
 respect to the student's softened logits is then `∂f/∂log q_v - q_v · S` per
-tile. The forward pass keeps a few numbers per token (log-sum-exps, `S`), the
+tile. The forward KL (the default) needs no second pass: `S = -Σ_v p_v = -1`,
+and `D` itself is gathered online with the log-sum-exps (the terms so far
+renormalized as those grow, as flash attention rescales its output). A forward
+pass then computes each tile's logits once instead of twice: from hidden
+states, 6 tile matmuls per value and gradient instead of 8 (the dense path
+that materializes the logits does 4).
+The forward pass keeps a few numbers per token (log-sum-exps, `S`), the
 backward pass recomputes each tile's logits from them and writes the
 gradients in place (`keras_distill.backend.chunked_loss`, the only
 backend-specific piece). The maths is pure `keras.ops` in float32 log space;
@@ -77,6 +83,40 @@ def _soft_capped(logits, soft_cap):
 def _logsumexp_update(running, values):
     """Folds the rows of `values` into a running log-sum-exp (-inf: empty)."""
     return ops.logaddexp(running, ops.logsumexp(values, axis=-1))
+
+
+def _forward_kl_update(divergence, kl, lses, new_lses, teacher, student):
+    """Folds one tile into the running `KL(p || q)` of the classes before it.
+
+    `kl` is that divergence with `p` and `q` normalized over the classes
+    before (their log-sum-exps `lses`, teacher's and student's); `new_lses`
+    add the tile's classes. Renormalizing shifts each past term by the same
+    `δ` and scales their mass by `exp(old - new)` (as flash attention
+    rescales its output), so every term stays a difference of
+    log-probabilities and no large logits cancel. Until the teacher has a
+    class with mass (all `-inf` so far) the sum is 0.
+    """
+    (teacher_lse, student_lse), (new_teacher_lse, new_student_lse) = (
+        lses,
+        new_lses,
+    )
+    new_teacher_lse = ops.where(
+        ops.isfinite(new_teacher_lse), new_teacher_lse, 0.0
+    )
+    shift = ops.where(
+        ops.isfinite(teacher_lse),
+        (teacher_lse - new_teacher_lse) - (student_lse - new_student_lse),
+        0.0,
+    )
+    tile_terms = divergence.terms(
+        divergences.LogProbabilities(
+            teacher - ops.expand_dims(new_teacher_lse, -1),
+            student - ops.expand_dims(new_student_lse, -1),
+        )
+    )
+    return ops.exp(teacher_lse - new_teacher_lse) * (kl + shift) + ops.sum(
+        tile_terms, axis=-1
+    )
 
 
 def _class_ids(tile):
@@ -158,6 +198,11 @@ class _TiledLoss:
         self.teacher_soft_cap = teacher_soft_cap
         self.tail = tail
         self.num_values = 1 + has_labels
+        # See the module docstring: the forward KL of a dense teacher is
+        # gathered in the first pass.
+        self.one_pass = (
+            teacher != "top_k" and self.divergence.name == "forward_kl"
+        )
 
     def _unpack(self, row_chunks):
         weights, *rest = row_chunks
@@ -204,7 +249,7 @@ class _TiledLoss:
             return (divergence,), {"slope": sums["slope"]}
         stats = over_tiles(self._update_stats, self._initial_stats(row_chunks))
         sums = {}
-        if self.teacher != "top_k":
+        if self.teacher != "top_k" and not self.one_pass:
             sums = over_tiles(
                 lambda sums, tile: self._update_sums(stats, sums, tile),
                 self._initial_sums(row_chunks),
@@ -240,10 +285,12 @@ class _TiledLoss:
                 stats["uncovered_lse"] = empty
         else:
             stats["teacher_lse"] = empty
+            if self.one_pass:
+                stats["forward_kl"] = ops.zeros_like(weights)
         return stats
 
     def _update_stats(self, stats, tile):
-        stats = dict(stats)
+        previous, stats = stats, dict(stats)
         _, labels, teacher_rows = self._unpack(tile.row_constants)
         logits = self._student_logits(tile)
         softened = logits / self.temperature
@@ -258,9 +305,18 @@ class _TiledLoss:
                     stats["student_lse_t1"], logits
                 )
         if self.teacher != "top_k":
-            stats["teacher_lse"] = _logsumexp_update(
-                stats["teacher_lse"], self._softened_teacher(tile)
-            )
+            teacher = self._softened_teacher(tile)
+            teacher_lse = _logsumexp_update(stats["teacher_lse"], teacher)
+            if self.one_pass:
+                stats["forward_kl"] = _forward_kl_update(
+                    self.divergence,
+                    previous["forward_kl"],
+                    (previous["teacher_lse"], previous["student_lse"]),
+                    (teacher_lse, stats["student_lse"]),
+                    teacher,
+                    softened,
+                )
+            stats["teacher_lse"] = teacher_lse
             return stats
         _, indices = teacher_rows
         stats["top_student"] = stats["top_student"] + _gather_in_tile(
@@ -309,9 +365,13 @@ class _TiledLoss:
                 lse_t1 = saved["student_lse_t1"] = stats["student_lse_t1"]
             values.append(ops.sum(weights * (lse_t1 - stats["label_logit"])))
         if self.teacher != "top_k":
-            divergence = sums["divergence"]
             saved["teacher_lse"] = stats["teacher_lse"]
-            saved["slope"] = sums["slope"]
+            if self.one_pass:
+                divergence = stats["forward_kl"]
+                saved["slope"] = ops.full_like(student_lse, -1.0)
+            else:
+                divergence = sums["divergence"]
+                saved["slope"] = sums["slope"]
         else:
             log_probs, _ = teacher_rows
             top_log_q = stats["top_student"] - ops.expand_dims(student_lse, -1)
