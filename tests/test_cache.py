@@ -357,8 +357,10 @@ def test_compact_top_k_cache_matches_the_teacher_and_trains(tmp_path):
         losses["plain"]["distillation_loss"], rel=1e-3
     )
     assert losses["compact"]["student_loss"] == losses["plain"]["student_loss"]
-    # Training from either gives the same student, up to that rounding.
-    weights = {}
+    # Training from either moves the student the same way: the rounding
+    # changes the training update by well under 1% of its size.
+    initial = make_language_model(seed=2).get_weights()
+    updates = {}
     for name, cache in (("compact", compact), ("plain", plain)):
         distiller = compiled_distiller(
             teacher=None, student=make_language_model(seed=2)
@@ -369,9 +371,14 @@ def test_compact_top_k_cache_matches_the_teacher_and_trains(tmp_path):
             shuffle=False,
             verbose=0,
         )
-        weights[name] = distiller.student.get_weights()
-    for compact_weights, plain_weights in zip(weights["compact"], weights["plain"]):
-        np.testing.assert_allclose(compact_weights, plain_weights, atol=1e-4)
+        updates[name] = np.concatenate(
+            [
+                (after - before).ravel()
+                for after, before in zip(distiller.student.get_weights(), initial)
+            ]
+        )
+    difference = np.linalg.norm(updates["compact"] - updates["plain"])
+    assert difference < 0.01 * np.linalg.norm(updates["plain"])
 
 
 def test_interrupted_compact_build_is_resumed(tmp_path, teacher_batches):
