@@ -14,6 +14,7 @@ pytest.importorskip("keras_hub")
 WORKER = Path(__file__).with_name("distribution_worker.py")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="keras.distribution shards models on the JAX backend",

@@ -290,6 +290,7 @@ def test_non_causal_lm_is_refused(models):
         distillers.CausalLMDistiller(student=plain, teacher=models[1])
 
 
+@pytest.mark.slow
 def test_from_preset_loads_local_presets(models, tmp_path):
     student, teacher = models
     teacher.save_to_preset(str(tmp_path / "teacher"))

@@ -178,6 +178,7 @@ def test_format_soft_targets():
     )
 
 
+@pytest.mark.slow
 def test_teacher_is_much_larger_than_the_student():
     recipe = example.DEFAULT_RECIPE
     teacher = example.build_teacher(recipe, 4000)
@@ -655,6 +656,7 @@ def test_scratch_twin_starts_from_identical_weights(tiny_teacher):
     )
 
 
+@pytest.mark.slow
 def test_small_bert_is_under_a_tenth_of_minilm():
     # MiniLM's architecture (random weights: no download).
     minilm = keras_hub.models.BertBackbone(
