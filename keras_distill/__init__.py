@@ -23,6 +23,7 @@ from keras_distill.callbacks import PeakMemory
 from keras_distill.callbacks import Throughput
 from keras_distill.distillers import on_policy
 from keras_distill.distillers.causal_lm import CausalLMDistiller
+from keras_distill.distillers.cross_tokenizer import CrossTokenizerDistiller
 from keras_distill.distillers.distiller import Distiller
 from keras_distill.distillers.distiller import NonFiniteLossGuard
 from keras_distill.distillers.feature_distillation import FeatureDistillation
@@ -41,6 +42,7 @@ from keras_distill.targets.cache import TeacherOutputCache
 __version__ = "0.1.0"
 __all__ = [
     "CausalLMDistiller",
+    "CrossTokenizerDistiller",
     "DamagedCacheError",
     "Distiller",
     "FeatureDistillation",

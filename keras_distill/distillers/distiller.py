@@ -1,6 +1,7 @@
 """`Distiller`: a `keras.Model` that trains a student on a teacher's soft targets."""
 
 import contextlib
+import copy
 import inspect
 import math
 
@@ -1241,7 +1242,9 @@ class Distiller(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        # A deep copy: KerasHub's `from_config` edits the nested model configs
+        # in place, which would spoil the caller's config for a second load.
+        config = copy.deepcopy(config)
         for key in ("student", "teacher", "feature_distillation"):
             if key in config:
                 config[key] = keras.saving.deserialize_keras_object(

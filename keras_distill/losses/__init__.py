@@ -6,17 +6,23 @@
 - `fused`: the same divergences computed from hidden states and an embedding
   in vocabulary tiles, so the full `[tokens, vocabulary]` logits never exist.
 - `features`: hidden-state and attention-map losses.
+- `cross_tokenizer`: ULD and span-level losses between two vocabularies
+  (teacher and student with different tokenizers).
 - `weighting`: sample weights, padding masks and reductions shared by all,
   and `WeightedMeanLoss`, the base of the loss classes: every loss class and
   its function reduce alike, to the weighted mean over positions
   `sum(w · d) / sum(w)` by default.
 """
 
+from keras_distill.losses import cross_tokenizer
 from keras_distill.losses import divergences
 from keras_distill.losses import features
 from keras_distill.losses import fused
 from keras_distill.losses import sparse
 from keras_distill.losses import weighting
+from keras_distill.losses.cross_tokenizer import shared_vocabulary_divergence
+from keras_distill.losses.cross_tokenizer import span_distillation_loss
+from keras_distill.losses.cross_tokenizer import uld_distance
 from keras_distill.losses.divergences import DIVERGENCES
 from keras_distill.losses.divergences import DistillationLoss
 from keras_distill.losses.divergences import ForwardKL
