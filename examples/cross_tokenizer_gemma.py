@@ -13,12 +13,12 @@ Data: Tiny Shakespeare, cut at line ends into chunks of at most
 Every model reads the same chunks, each in its own tokens.
 
 The student's tokenizer is trained on the first 90% of the text
-(`train_lossless_tokenizer`, `--student-vocabulary` tokens): SentencePiece
-with the identity normalizer and byte fallback, so that its tokens spell
-every text exactly and can be aligned with the teacher's by character
-(`keras_distill.language_models.train_gemma3_tokenizer` uses SentencePiece's
-NFKC normalizer, which drops newlines and folds spaces: the alignment
-refuses such texts). The student is cut from the teacher: `--student-layers`
+(`language_models.train_gemma3_tokenizer(..., lossless=True)`,
+`--student-vocabulary` tokens): SentencePiece with the identity normalizer
+and byte fallback, so that its tokens spell every text exactly and can be
+aligned with the teacher's by character (by default the trainer uses
+SentencePiece's NFKC normalizer, which drops newlines and folds spaces: the
+alignment refuses such texts). The student is cut from the teacher: `--student-layers`
 of its blocks (`pruning.student_from_teacher`) with a new embedding for the
 new vocabulary, each row the mean of the teacher's embeddings of the
 tokens that spell it (Fast Vocabulary Transfer, Gee et al., 2022).
@@ -46,7 +46,6 @@ the training times. Writes `results.json`.
 """
 
 import argparse
-import io
 import math
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ import numpy as np
 
 from keras_distill import TeacherOutputCache
 from keras_distill import distillers
+from keras_distill import language_models
 from keras_distill.distillers import on_policy
 from keras_distill.distillers.cross_tokenizer import AlignedTextDataset
 from keras_distill.distillers.cross_tokenizer import CrossTokenizerDistiller
@@ -64,9 +64,6 @@ from keras_distill.examples import datasets
 from keras_distill.examples import reporting
 from keras_distill.language_models import alignment
 from keras_distill.language_models import pruning
-from keras_distill.language_models.hub import _GEMMA3_SPECIAL_PIECES
-from keras_distill.language_models.hub import _GEMMA3_USER_SYMBOLS
-from keras_distill.language_models.hub import _keras_hub
 from keras_distill.targets.keys import LABELS
 from keras_distill.targets.keys import TEACHER_TOP_INDICES
 from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
@@ -74,47 +71,6 @@ from keras_distill.targets.keys import TEACHER_TOP_LOG_PROBS
 PROMPTS = ("ROMEO:\n", "First Citizen:\nWe are")
 
 STUDENTS = ("uld", "span", "hard labels", "same tokenizer")
-
-
-def train_lossless_tokenizer(texts, vocabulary_size):
-    """A Gemma 3 tokenizer trained on `texts` whose tokens spell any text.
-
-    SentencePiece (unigram) with the identity normalizer, no dummy prefix,
-    whitespace kept as it is (newlines, runs of spaces) and byte fallback,
-    with Gemma 3's special pieces at their ids (`<pad>` 0, `<eos>` 1, `<bos>`
-    2, `<unk>` 3). The 256 byte pieces count in `vocabulary_size`.
-
-    Args:
-        texts: Training texts (newlines inside them are learned too).
-        vocabulary_size: Number of tokens, at least 300 or so (the byte
-            pieces, special pieces and the texts' characters).
-
-    Returns:
-        A `keras_hub.models.Gemma3Tokenizer`.
-    """
-    import sentencepiece
-
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
-        model_writer=model,
-        vocab_size=vocabulary_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        **{f"{name}_piece": piece for name, piece in _GEMMA3_SPECIAL_PIECES.items()},
-        user_defined_symbols=_GEMMA3_USER_SYMBOLS,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        byte_fallback=True,
-        max_sentence_length=1 << 20,
-        minloglevel=2,
-    )
-    return _keras_hub().models.Gemma3Tokenizer(proto=model.getvalue())
 
 
 def text_chunks(text, characters):
@@ -337,8 +293,10 @@ def run(args):
     heldout_characters = sum(len(chunk) for chunk in heldout_chunks)
 
     start = time.perf_counter()
-    student_tokenizer = train_lossless_tokenizer(
-        text_chunks(text[:split], args.chunk_characters), args.student_vocabulary
+    student_tokenizer = language_models.train_gemma3_tokenizer(
+        text_chunks(text[:split], args.chunk_characters),
+        args.student_vocabulary,
+        lossless=True,
     )
     timings["train_tokenizer"] = time.perf_counter() - start
     aligner = alignment.TokenAligner(student_tokenizer, teacher_tokenizer)

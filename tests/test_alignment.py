@@ -8,7 +8,7 @@ boundary-intersection reference, not from the code under test.
 import numpy as np
 import pytest
 
-from keras_distill import cli
+from keras_distill import language_models
 from keras_distill.language_models import alignment
 from keras_distill.language_models import train_gemma3_tokenizer
 from keras_distill.language_models.alignment import AlignmentError
@@ -19,7 +19,6 @@ from keras_distill.language_models.alignment import align_spans
 keras_hub = pytest.importorskip("keras_hub")
 sentencepiece = pytest.importorskip("sentencepiece")
 
-example = cli.load_example("cross_tokenizer_gemma")
 
 # No digits, no "é", no "☃" in the student's corpus: those take byte fallback.
 STUDENT_LINES = [
@@ -42,12 +41,12 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def student_tokenizer():
-    return example.train_lossless_tokenizer(STUDENT_LINES * 30, 320)
+    return language_models.train_gemma3_tokenizer(STUDENT_LINES * 30, 320, lossless=True)
 
 
 @pytest.fixture(scope="module")
 def teacher_tokenizer():
-    return example.train_lossless_tokenizer(TEACHER_LINES * 30, 318)
+    return language_models.train_gemma3_tokenizer(TEACHER_LINES * 30, 318, lossless=True)
 
 
 def _pieces(tokenizer, text):

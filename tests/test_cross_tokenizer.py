@@ -13,6 +13,7 @@ import pytest
 from keras_distill import TeacherAgreement
 from keras_distill import TeacherOutputCache
 from keras_distill import cli
+from keras_distill import language_models
 from keras_distill.distillers.cross_tokenizer import CrossTokenizerDistiller
 from keras_distill.distillers.cross_tokenizer import teacher_inputs
 from keras_distill.losses import cross_tokenizer
@@ -58,8 +59,10 @@ def _numpy(x):
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    student = example.train_lossless_tokenizer(LINES * 30, 320)
-    teacher = example.train_lossless_tokenizer([line.upper() for line in LINES] * 30 + LINES, 360)
+    student = language_models.train_gemma3_tokenizer(LINES * 30, 320, lossless=True)
+    teacher = language_models.train_gemma3_tokenizer(
+        [line.upper() for line in LINES] * 30 + LINES, 360, lossless=True
+    )
     return student, teacher
 
 

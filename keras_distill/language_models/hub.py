@@ -271,16 +271,38 @@ _GEMMA3_USER_SYMBOLS = [
 ]
 
 
-def train_gemma3_tokenizer(lines, vocabulary_size):
+# SentencePiece trainer options under which the tokens spell any text.
+_LOSSLESS_TRAINER_OPTIONS = {
+    "normalization_rule_name": "identity",
+    "add_dummy_prefix": False,
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "byte_fallback": True,
+    "max_sentence_length": 1 << 20,
+}
+
+
+def train_gemma3_tokenizer(lines, vocabulary_size, lossless=False):
     """Trains a small `Gemma3Tokenizer` on text, for offline experiments.
 
     Gemma 3's tokenizer expects `<pad>`, `<eos>`, `<bos>` and `<unk>` at ids
     0 to 3 and its turn and image markers as user-defined pieces; the
     `sentencepiece` trainer is told so explicitly.
 
+    By default SentencePiece normalizes (NFKC, runs of spaces folded,
+    newlines dropped), so the tokens do not always spell the text. With
+    `lossless=True` the tokens spell any text exactly, which cross-tokenizer
+    alignment needs: the identity normalizer, no dummy prefix, whitespace
+    kept as it is, and byte fallback (the 256 byte pieces then count in
+    `vocabulary_size`).
+
     Args:
-        lines: An iterable of training sentences.
-        vocabulary_size: Number of tokens, at least 16.
+        lines: An iterable of training sentences (with `lossless=True`,
+            texts whose newlines are learned too).
+        vocabulary_size: Number of tokens, at least 16 (with
+            `lossless=True`, about 300 or more: the byte pieces, the
+            special pieces and the texts' characters).
+        lossless: Whether the tokens must spell every text exactly.
 
     Returns:
         A `keras_hub.models.Gemma3Tokenizer`.
@@ -313,6 +335,7 @@ def train_gemma3_tokenizer(lines, vocabulary_size):
         **{f"{name}_piece": piece for name, piece in _GEMMA3_SPECIAL_PIECES.items()},
         user_defined_symbols=_GEMMA3_USER_SYMBOLS,
         minloglevel=2,
+        **(_LOSSLESS_TRAINER_OPTIONS if lossless else {}),
     )
     return _keras_hub().models.Gemma3Tokenizer(proto=model.getvalue())
 
