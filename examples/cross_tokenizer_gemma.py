@@ -56,7 +56,6 @@ import numpy as np
 from keras_distill import TeacherOutputCache
 from keras_distill import distillers
 from keras_distill import language_models
-from keras_distill.distillers import on_policy
 from keras_distill.distillers.cross_tokenizer import AlignedTextDataset
 from keras_distill.distillers.cross_tokenizer import CrossTokenizerDistiller
 from keras_distill.distillers.cross_tokenizer import teacher_inputs
@@ -228,41 +227,6 @@ def _summary(log_likelihood, characters):
     }
 
 
-def greedy_samples(model, tokenizer, length, to_model=None, from_model=None):
-    """Greedy continuations of `PROMPTS` by `model`, as text.
-
-    Args:
-        model: A causal LM.
-        tokenizer: The tokenizer of the prompts and the output.
-        length: New tokens per prompt.
-        to_model: Optional array mapping tokenizer ids to the model's.
-        from_model: Optional array mapping the model's ids back.
-
-    Returns:
-        One string per prompt: the prompt and its continuation.
-    """
-    generator = on_policy.SequenceGenerator(model, on_policy.make_sampler("greedy"))
-    prompts = [
-        np.concatenate([[tokenizer.start_token_id],
-                        np.asarray(keras.ops.convert_to_numpy(tokenizer(prompt)))])
-        for prompt in PROMPTS
-    ]
-    width = max(len(ids) for ids in prompts) + length
-    token_ids = np.zeros((len(prompts), width), "int32")
-    padding_mask = np.zeros((len(prompts), width), "bool")
-    for row, ids in enumerate(prompts):
-        token_ids[row, : len(ids)] = ids if to_model is None else to_model[ids]
-        padding_mask[row, : len(ids)] = True
-    generated = generator(token_ids, padding_mask)[0]
-    texts = []
-    for row, ids in enumerate(prompts):
-        row_ids = generated[row, 1 : len(ids) + length]
-        if from_model is not None:
-            row_ids = from_model[row_ids]
-        texts.append(str(keras.ops.convert_to_numpy(tokenizer.detokenize(row_ids))))
-    return texts
-
-
 def _round_up(value, multiple=8):
     return -(-value // multiple) * multiple
 
@@ -432,13 +396,19 @@ def run(args):
         rows[name] = dict(_summary(log_likelihood, heldout_characters),
                           parameters=int(model.count_params()),
                           vocabulary=int(model.backbone.vocabulary_size))
-    samples = {"teacher": greedy_samples(teacher, teacher_tokenizer, args.generate_length)}
+    def greedy_samples(model, tokenizer, to_model=None, from_model=None):
+        return pretrained_gemma.greedy_samples(
+            model, tokenizer, to_model, from_model, args.generate_length, prompt_texts=PROMPTS
+        )
+
+    samples = {"teacher": greedy_samples(teacher, teacher_tokenizer)}
     for name, model in models.items():
         if name == "same tokenizer":
-            samples[name] = greedy_samples(model, teacher_tokenizer, args.generate_length,
-                                           to_model=np.maximum(student_id, 0), from_model=mapping)
+            samples[name] = greedy_samples(
+                model, teacher_tokenizer, np.maximum(student_id, 0), mapping
+            )
         else:
-            samples[name] = greedy_samples(model, student_tokenizer, args.generate_length)
+            samples[name] = greedy_samples(model, student_tokenizer)
     student_in_spans = float(
         (x_train[alignment.STUDENT_SPAN] >= 0).sum() / x_train["padding_mask"].sum()
     )

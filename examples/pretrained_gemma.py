@@ -180,8 +180,8 @@ def _summary(log_likelihood, characters):
     }
 
 
-def greedy_samples(model, tokenizer, student_id, mapping, length):
-    """Greedy continuations of `PROMPTS`, through the vocabulary mapping.
+def greedy_samples(model, tokenizer, student_id, mapping, length, prompt_texts=PROMPTS):
+    """Greedy continuations of `prompt_texts`, through the vocabulary mapping.
 
     The prompts go as one left-aligned batch, so generation compiles once.
     """
@@ -189,7 +189,7 @@ def greedy_samples(model, tokenizer, student_id, mapping, length):
     prompts = [
         np.concatenate([[tokenizer.start_token_id],
                         np.asarray(keras.ops.convert_to_numpy(tokenizer(prompt)))])
-        for prompt in PROMPTS
+        for prompt in prompt_texts
     ]
     width = max(len(ids) for ids in prompts) + length
     token_ids = np.zeros((len(prompts), width), "int32")
