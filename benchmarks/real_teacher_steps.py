@@ -9,7 +9,10 @@ tokens in windows of 128:
 (a) the teacher-output cache build (`TeacherOutputCache.build`, compact
     top-256, into a fresh directory each round: hashing, the teacher's
     forward, top-k, encoding, writing) against a plain `predict` of the same
-    teacher on the same windows at the same batch size;
+    teacher on the same windows at the same batch size; the teacher's
+    fingerprint (a SHA-256 of its weights, a cost per build that does not
+    grow with the tokens) is also timed alone, and the build less it is
+    compared with the predict;
 (b) one distillation training step from the cache (`CausalLMDistiller`,
     teacher=None, alpha 0.1, T 1) against the same student's plain
     crossentropy step (the floor: its own forward and backward) on the same
@@ -55,6 +58,7 @@ def worker(args):
     from keras_distill.cli import load_example
     from keras_distill.examples import datasets
     from keras_distill.language_models import pruning
+    from keras_distill.targets.cache import teacher_fingerprint
 
     pretrained_gemma = load_example("pretrained_gemma")
     keras.utils.set_random_seed(0)
@@ -89,10 +93,12 @@ def worker(args):
 
     predict()  # compilation
     cache = build()
-    predict_times, build_times = [], []
+    predict_times, build_times, fingerprint_times = [], [], []
     for _ in range(args.repeats):
         predict_times.append(_seconds(predict))
         build_times.append(_seconds(build))
+        fingerprint_times.append(_seconds(lambda: teacher_fingerprint(teacher_view)))
+    per_token_times = [b - f for b, f in zip(build_times, fingerprint_times)]
 
     # (b) a distillation step from the cache vs the plain crossentropy step.
     student = pruning.student_from_teacher(
@@ -155,26 +161,34 @@ def worker(args):
         "predict_seconds": statistics.median(predict_times),
         "build_seconds": statistics.median(build_times),
         "build_over_predict": ratio(build_times, predict_times),
+        "fingerprint_seconds": statistics.median(fingerprint_times),
+        "build_without_fingerprint_over_predict": ratio(per_token_times, predict_times),
         "predict_tokens_per_second": tokens / statistics.median(predict_times),
         "build_tokens_per_second": tokens / statistics.median(build_times),
         "step_seconds": {name: statistics.median(times) for name, times in rounds.items()},
         "distill_over_plain": ratio(rounds["distill"], rounds["plain"]),
         "distill_over_plain_with_reading": ratio(rounds["distill_read"], rounds["plain_read"]),
-        "raw": {"predict": predict_times, "build": build_times, **rounds},
+        "raw": {
+            "predict": predict_times, "build": build_times,
+            "fingerprint": fingerprint_times, **rounds,
+        },
     }
 
 
 def format_table(results):
     lines = [
         "| backend | tokens | predict tok/s | cache build tok/s | build / predict "
+        "| teacher fingerprint s | build less fingerprint / predict "
         "| plain step s | distill step s | distill / plain | same, reading the batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         steps = row["step_seconds"]
         lines.append(
             f"| {row['backend']} | {row['tokens']:,} | {row['predict_tokens_per_second']:.0f} | "
             f"{row['build_tokens_per_second']:.0f} | {row['build_over_predict']:.3f} | "
+            f"{row['fingerprint_seconds']:.2f} | "
+            f"{row['build_without_fingerprint_over_predict']:.3f} | "
             f"{steps['plain']:.3f} | {steps['distill']:.3f} | {row['distill_over_plain']:.3f} | "
             f"{row['distill_over_plain_with_reading']:.3f} |"
         )

@@ -1,5 +1,6 @@
 """The teacher-output cache: same loss as online, any input pipeline, fingerprints, resumption."""
 
+import hashlib
 import json
 
 import keras
@@ -9,6 +10,7 @@ import pytest
 from keras_distill import Distiller
 from keras_distill.targets.cache import TeacherOutputCache
 from keras_distill.targets.cache import example_digests
+from keras_distill.targets.cache import teacher_fingerprint
 from keras_distill.targets.codec import top_k_total_variation
 from keras_distill.targets.top_k import top_k_teacher_targets
 from tests.test_distiller import compiled_distiller
@@ -250,6 +252,27 @@ def test_random_tf_data_pipelines_are_refused(tmp_path):
             TeacherOutputCache.build(make_teacher(), pipeline, tmp_path)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_teacher_fingerprint_is_the_sha256_of_the_weights_bytes(dtype):
+    # Read in place rather than copied: the digest must stay the one caches
+    # were built with (the bytes `convert_to_numpy` gives), bfloat16 (which
+    # NumPy's buffer protocol refuses) included, and change with any weight.
+    teacher = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, dtype=dtype), keras.layers.Dense(2)]
+    )
+    reference = hashlib.sha256()
+    for weight in teacher.weights:
+        array = keras.ops.convert_to_numpy(weight)
+        name = array.dtype.name if array.dtype.kind == "V" else array.dtype.str
+        reference.update(str((name, array.shape)).encode())
+        reference.update(np.ascontiguousarray(array).tobytes())
+    assert teacher_fingerprint(teacher) == reference.hexdigest()
+    kernel = keras.ops.convert_to_numpy(teacher.weights[0]).copy()
+    kernel[2, 1] += 1
+    teacher.weights[0].assign(kernel)
+    assert teacher_fingerprint(teacher) != reference.hexdigest()
+
+
 def test_deterministic_preprocessing_layers_are_fingerprinted(tmp_path):
     x, _ = make_data()
     teacher = make_teacher()
@@ -296,6 +319,40 @@ def test_top_k_cache_trains_the_distiller(tmp_path):
     distiller = compiled_distiller(teacher=None)
     history = distiller.fit(cache.dataset(x, y, batch_size=16), epochs=2, verbose=0)
     assert np.isfinite(history.history["distillation_loss"]).all()
+
+
+def test_top_k_targets_are_taken_in_the_teachers_compiled_step(tmp_path, monkeypatch):
+    x, _ = make_data()
+    teacher = make_teacher()
+    expected_log_probs, expected_indices = top_k_teacher_targets(
+        teacher.predict(x, verbose=0), 3
+    )
+    weights = len(teacher.weights)
+
+    def no_dense_logits(*args, **kwargs):
+        raise AssertionError("the dense logits were brought to the host")
+
+    monkeypatch.setattr(teacher, "predict_on_batch", no_dense_logits)
+    for directory in ("first", "second"):
+        cache = TeacherOutputCache.build(
+            teacher, x, tmp_path / directory, top_k=3, format="float32", batch_size=16
+        )
+    targets = cache.targets(cache.rows(x))
+    np.testing.assert_array_equal(
+        targets["teacher_top_indices"], keras.ops.convert_to_numpy(expected_indices)
+    )
+    np.testing.assert_allclose(
+        targets["teacher_top_log_probs"],
+        keras.ops.convert_to_numpy(expected_log_probs),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    # One predictor per (teacher, k), compiled once, and invisible to the
+    # teacher's weights (hence to its fingerprint).
+    predictor = teacher.__dict__["_keras_distill_top_k"][3]
+    assert predictor.predict_function is not None
+    assert list(teacher.__dict__["_keras_distill_top_k"]) == [3]
+    assert len(teacher.weights) == weights
 
 
 VOCABULARY = 300
