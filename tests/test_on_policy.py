@@ -470,3 +470,91 @@ def test_per_row_prompts_refusals(models, instructions):
     )
     with pytest.raises(ValueError, match="`max_new_tokens`=12 exceeds the room"):
         _fit(distiller, instructions)
+
+
+# `backend.compile_decode_step`: the traced decode step of PyTorch, a no-op
+# on JAX and TensorFlow (which compile the whole generate function).
+TRACED = keras.backend.backend() == "torch"
+
+
+def _generators(model, sampler):
+    """An eager and a decode-step-compiled generator, samplers of one seed."""
+    return [
+        on_policy.SequenceGenerator(
+            model, on_policy.make_sampler(sampler, seed=3),
+            compile_decode_step=compiled,
+        )
+        for compiled in (False, True)
+    ]
+
+
+def _prompts():
+    token_ids = np.zeros((3, 9), "int32")
+    token_ids[:, :3] = np.random.default_rng(0).integers(1, VOCABULARY_SIZE, (3, 3))
+    padding_mask = np.zeros((3, 9), bool)
+    padding_mask[:, :3] = True
+    # A shorter prompt: its row keeps the prompt where others generate.
+    padding_mask[1, 2] = False
+    return token_ids, padding_mask
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "random"])
+def test_compiled_decode_step_samples_as_eager_after_weight_updates(sampler):
+    """Same samples for the same seed as KerasHub's eager generation, call
+    after call, and after the weights change (they are graph inputs)."""
+    model = _gemma(16, seed=4)
+    eager, compiled = _generators(model, sampler)
+    prompts = _prompts()
+    samples = []
+    for _ in range(2):
+        expected, actual = eager(*prompts), compiled(*prompts)
+        np.testing.assert_array_equal(actual[0], expected[0])
+        np.testing.assert_array_equal(actual[1], expected[1])
+        samples.append(actual[0])
+    embeddings = model.backbone.token_embedding.embeddings
+    # Large enough to change the greedy continuations too.
+    embeddings.assign(embeddings * -3.0 + 0.1)
+    expected, actual = eager(*prompts), compiled(*prompts)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    assert not all((s == actual[0]).all() for s in samples)
+    traced = vars(compiled.model).get("call_with_cache")
+    if TRACED:
+        # One graph for every cache position, and it was used.
+        assert len(traced.graphs) == 1
+        assert next(iter(traced.graphs.values()))[0] is not None
+    else:
+        assert traced is None
+    assert "call_with_cache" not in vars(model)
+
+
+@pytest.mark.skipif(not TRACED, reason="a no-op without PyTorch")
+def test_compiled_decode_step_keeps_few_graphs_and_runs_other_calls_eagerly():
+    import torch
+
+    from keras_distill import backend
+
+    model = _gemma(16, seed=4)
+    generator = _gemma(16, seed=4)
+    generator.set_weights(model.get_weights())
+    backend.compile_decode_step(generator)
+    step = generator.call_with_cache
+    step.max_graphs = 2
+    cache = lambda batch: tuple(  # noqa: E731
+        (torch.zeros(batch, 6, 1, 8), torch.zeros(batch, 6, 1, 8))
+        for _ in model.backbone.transformer_layers
+    )
+    with torch.no_grad():
+        for batch in (1, 2, 3):
+            token_ids = torch.ones(batch, 1, dtype=torch.int32)
+            index = torch.tensor(2, dtype=torch.int32)
+            expected = model.call_with_cache(token_ids, cache(batch), index)
+            actual = generator.call_with_cache(token_ids, cache(batch), index)
+            for e, a in zip(expected[:2], actual[:2]):
+                np.testing.assert_array_equal(a.numpy(), e.numpy())
+        # Prefill (several tokens) runs eagerly and traces nothing.
+        generator.call_with_cache(torch.ones(1, 6, dtype=torch.int32), cache(1), 0)
+    assert [key[2][0][0][0] for key in step.graphs] == [2, 3]
+    # With gradients on (not a generation), the eager method.
+    token_ids = torch.ones(3, 1, dtype=torch.int32)
+    logits = generator.call_with_cache(token_ids, cache(3), 2)[0]
+    assert logits.requires_grad

@@ -234,6 +234,51 @@ def assign_outside_compiled_graph(*assignments):
     _running_backend.assign_outside_compiled_graph(assignments)
 
 
+def compile_decode_step(causal_lm):
+    """Compiles the per-token decode step of a KerasHub causal LM's generation.
+
+    JAX and TensorFlow compile a causal LM's whole `generate_function`
+    already; there this does nothing. KerasHub runs it eagerly on PyTorch,
+    where per generated token the Keras layer machinery costs several times
+    the arithmetic; there `causal_lm.call_with_cache` becomes an instance
+    attribute that runs each one-token decode call through a `torch.fx`
+    graph traced from it (`make_fx`), once per set of input shapes, with the
+    weights and the cache position as graph inputs: the same operations, so
+    the same logits bit for bit, read from the current weights at each call.
+    Prefill calls and calls it cannot trace run eagerly.
+
+    This changes `causal_lm`: call it on a model of your own making that
+    only generates (`keras_distill.distillers.on_policy.SequenceGenerator`
+    calls it on its private copy sharing the backbone).
+
+    Args:
+        causal_lm: A `keras_hub.models.CausalLM`; a model without
+            `call_with_cache` is left as it is.
+
+    Example:
+
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.Gemma3Backbone(
+    ...     vocabulary_size=20, image_size=None, num_layers=1,
+    ...     num_query_heads=1, num_key_value_heads=1, hidden_dim=8,
+    ...     intermediate_dim=16, head_dim=8)
+    >>> model = keras_hub.models.Gemma3CausalLM(
+    ...     backbone=backbone, preprocessor=None)
+    >>> compile_decode_step(model)
+    >>> model.compile(sampler="greedy")
+    >>> outputs = model.make_generate_function()(
+    ...     {"token_ids": keras.ops.ones((2, 5), "int32"),
+    ...      "padding_mask": keras.ops.array([[True, True, False, False,
+    ...                                        False]] * 2)})
+    >>> tuple(outputs["token_ids"].shape)
+    (2, 5)
+    """
+    # Only PyTorch's module has the hook; the others compile generation.
+    compile_step = getattr(_running_backend, "compile_decode_step", None)
+    if compile_step is not None:
+        compile_step(causal_lm)
+
+
 def device_peak_memory_bytes():
     """Peak memory of the first accelerator, where the backend reports it.
 

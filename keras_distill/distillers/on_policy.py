@@ -42,6 +42,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_distill import backend
 from keras_distill import checks
 from keras_distill.language_models.hub import _check_causal_lm
 from keras_distill.language_models.hub import _keras_hub
@@ -105,6 +106,10 @@ class SequenceGenerator:
         causal_lm: A `keras_hub.models.CausalLM`.
         sampler: A `keras_hub.samplers.Sampler`.
         stop_token_ids: Optional tuple of token ids that end a continuation.
+        compile_decode_step: Whether to trace the per-token decode step on
+            PyTorch (`keras_distill.backend.compile_decode_step`: the same
+            samples, about 2x faster); no effect on JAX and TensorFlow,
+            which compile the whole `generate_function`.
 
     Example:
 
@@ -122,11 +127,16 @@ class SequenceGenerator:
     ((2, 5), True)
     """
 
-    def __init__(self, causal_lm, sampler, stop_token_ids=None):
+    def __init__(
+        self, causal_lm, sampler, stop_token_ids=None, compile_decode_step=True
+    ):
         self.model = type(causal_lm)(
             backbone=causal_lm.backbone, preprocessor=None
         )
         self.model.compile(sampler=sampler)
+        if compile_decode_step:
+            # The private model only: the user's `causal_lm` stays eager.
+            backend.compile_decode_step(self.model)
         self.stop_token_ids = (
             None if stop_token_ids is None else tuple(stop_token_ids)
         )
