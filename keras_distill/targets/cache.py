@@ -88,6 +88,7 @@ systems without `fcntl` (Windows) builds are not locked: give each process
 its own directory there.
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -928,6 +929,42 @@ def _relative_to_row_max(logits):
     return logits - maxima[..., None], maxima
 
 
+def _stored(teacher_outputs, format):
+    """The arrays a cache stores for `_teacher_outputs` in `format`."""
+    if TEACHER_LOGITS in teacher_outputs:
+        relative, maxima = _relative_to_row_max(teacher_outputs[TEACHER_LOGITS])
+        return {
+            TEACHER_LOGITS: _storable(
+                relative, format, "logits (relative to each row's largest)"
+            ),
+            LOGIT_OFFSETS: maxima,
+        }
+    log_probs = teacher_outputs[TEACHER_TOP_LOG_PROBS]
+    indices = teacher_outputs[TEACHER_TOP_INDICES]
+    vocabulary_size = teacher_outputs["num_classes"]
+    top_k = log_probs.shape[-1]
+    if format == "compact":
+        payload, token_bytes = codec.encode_top_k(
+            log_probs.reshape(-1, top_k),
+            indices.reshape(-1, top_k),
+            vocabulary_size,
+        )
+        size_dtype = np.uint16 if top_k <= 5000 else np.uint32
+        return {
+            COMPACT_PAYLOAD: payload,
+            COMPACT_TOKEN_BYTES: token_bytes.astype(size_dtype).reshape(
+                log_probs.shape[:-1]
+            ),
+        }
+    index_dtype = np.min_scalar_type(vocabulary_size - 1)
+    return {
+        TEACHER_TOP_LOG_PROBS: _storable(
+            log_probs, format, "top-k log-probabilities"
+        ),
+        TEACHER_TOP_INDICES: indices.astype(index_dtype),
+    }
+
+
 def _storable(values, format, what):
     """`values` as `format`, refusing finite values it would make infinite."""
     stored = values.astype(format)
@@ -1170,19 +1207,36 @@ class TeacherOutputCache:
             if rows
             else np.zeros(0, DIGEST_DTYPE)
         )
-        seen = []
-        for batch in _input_batches(inputs, batch_size):
-            digests = example_digests(batch)
-            seen.append(digests)
-            new = ~_contains(stored, digests)
-            if not new.any():
-                continue
+
+        def store(digests, teacher_outputs):
             manifest["complete"] = False
-            new_rows = np.flatnonzero(new)
-            outputs = cls._teacher_outputs(
-                teacher, _slice_inputs(batch, new_rows), top_k, format
-            )
-            writer.append(digests[new_rows], outputs)
+            writer.append(digests, _stored(teacher_outputs, format))
+
+        seen = []
+        # A worker thread encodes, checksums and writes each batch while the
+        # teacher runs on the next, so the device (or the compiled step's
+        # threads) does not wait on the host. Leaving the `with` waits for the
+        # last write, also when the teacher raises: an interrupted build keeps
+        # every batch the teacher finished.
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="teacher_cache_writer"
+        ) as pool:
+            writing = None
+            for batch in _input_batches(inputs, batch_size):
+                digests = example_digests(batch)
+                seen.append(digests)
+                new = ~_contains(stored, digests)
+                if not new.any():
+                    continue
+                new_rows = np.flatnonzero(new)
+                teacher_outputs = cls._teacher_outputs(
+                    teacher, _slice_inputs(batch, new_rows), top_k
+                )
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(store, digests[new_rows], teacher_outputs)
+            if writing is not None:
+                writing.result()
         if not seen:
             raise ValueError("`inputs` holds no examples.")
         data = _data_fingerprint(np.concatenate(seen))
@@ -1193,38 +1247,20 @@ class TeacherOutputCache:
         return cls(directory, verify="none")
 
     @staticmethod
-    def _teacher_outputs(teacher, batch, top_k, format):
-        # A compiled inference step, as `predict` runs it.
+    def _teacher_outputs(teacher, batch, top_k):
+        """The teacher's outputs on `batch` as NumPy arrays, before encoding.
+
+        A compiled inference step, as `predict` runs it: the dense logits, or
+        the top-k taken inside the step (see `_TopKTeacher`).
+        """
         if top_k is None:
-            relative, maxima = _relative_to_row_max(teacher.predict_on_batch(batch))
-            return {
-                TEACHER_LOGITS: _storable(
-                    relative, format, "logits (relative to each row's largest)"
-                ),
-                LOGIT_OFFSETS: maxima,
-            }
+            return {TEACHER_LOGITS: teacher.predict_on_batch(batch)}
         predictor = _top_k_teacher(teacher, top_k)
         log_probs, indices = predictor.predict_on_batch(batch)
-        vocabulary_size = predictor.num_classes
-        if format == "compact":
-            payload, token_bytes = codec.encode_top_k(
-                log_probs.reshape(-1, top_k),
-                indices.reshape(-1, top_k),
-                vocabulary_size,
-            )
-            size_dtype = np.uint16 if top_k <= 5000 else np.uint32
-            return {
-                COMPACT_PAYLOAD: payload,
-                COMPACT_TOKEN_BYTES: token_bytes.astype(size_dtype).reshape(
-                    log_probs.shape[:-1]
-                ),
-            }
-        index_dtype = np.min_scalar_type(vocabulary_size - 1)
         return {
-            TEACHER_TOP_LOG_PROBS: _storable(
-                log_probs, format, "top-k log-probabilities"
-            ),
-            TEACHER_TOP_INDICES: indices.astype(index_dtype),
+            TEACHER_TOP_LOG_PROBS: log_probs,
+            TEACHER_TOP_INDICES: indices,
+            "num_classes": predictor.num_classes,
         }
 
     @classmethod
